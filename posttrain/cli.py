@@ -1,0 +1,135 @@
+"""The ``posttrain`` command line.
+
+Commands:
+  posttrain run RECIPE.yaml [KEY.PATH=VALUE ...] [--only NAME ...] [--force]
+  posttrain validate RECIPE.yaml [KEY.PATH=VALUE ...]
+  posttrain keys [KIND]              document the recipe keys of every stage kind
+  posttrain make-tiny-model OUT_DIR  build the tiny local Qwen2 model + tokenizer
+Other commands (sandbox, annotate, eval) are added by their modules below.
+Errors in recipes print one line (file, key path, what was expected) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from posttrain.config import ConfigError
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from posttrain.recipe import Recipe
+
+    recipe = Recipe.load(a.recipe, a.overrides)
+    results = recipe.run(only=a.only, force=a.force)
+    for name, m in results.items():
+        print(f"{name:24s} {m['kind']:20s} {m['seconds']:8.1f}s  {os.path.join(recipe.output_dir, name)}")
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from posttrain.recipe import Recipe
+
+    r = Recipe.load(a.recipe, a.overrides)
+    print(f"{a.recipe}: ok ({len(r.stages)} stages: {', '.join(s.name for s in r.stages)})")
+    return 0
+
+
+def _cmd_keys(a: argparse.Namespace) -> int:
+    from posttrain.config import field_doc
+    from posttrain.recipe import RecipeFile
+    from posttrain.stages import STAGES
+
+    kinds = [a.kind] if a.kind else ["<recipe>"] + sorted(STAGES)
+    for kind in kinds:
+        if kind == "<recipe>":
+            cls = RecipeFile
+        elif kind in STAGES:
+            cls = STAGES[kind][0]
+        else:
+            raise ConfigError(f"unknown stage kind {kind!r} (expected one of: {', '.join(sorted(STAGES))})")
+        print(f"## {kind}" + (f"  ({cls.__doc__.strip().splitlines()[0]})" if cls.__doc__ else ""))
+        for name, tp, default in field_doc(cls):
+            print(f"  {name:28s} {tp:40s} default: {default!r}")
+        print()
+    return 0
+
+
+def _cmd_tiny(a: argparse.Namespace) -> int:
+    from posttrain.tiny import TinySpec, make_tiny_model
+
+    spec = TinySpec(hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
+    out = make_tiny_model(a.out_dir, spec)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    p = argparse.ArgumentParser(prog="posttrain", description="Qwen2 post-training pipeline toolkit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a recipe (finished stages are skipped)")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE")
+    r.add_argument("--only", nargs="+", metavar="NAME", help="run only these stages")
+    r.add_argument("--force", action="store_true", help="re-run stages even if complete")
+    r.set_defaults(fn=_cmd_run)
+
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE")
+    v.set_defaults(fn=_cmd_validate)
+
+    k = sub.add_parser("keys", help="list the recipe keys of each stage kind")
+    k.add_argument("kind", nargs="?")
+    k.set_defaults(fn=_cmd_keys)
+
+    t = sub.add_parser("make-tiny-model", help="build a tiny Qwen2 model and tokenizer locally")
+    t.add_argument("out_dir")
+    t.add_argument("--hidden-size", type=int, default=128)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_cmd_tiny)
+
+    for add in _extra_commands():
+        add(sub)
+    return p
+
+
+def _extra_commands() -> list:
+    """Subcommands that live next to their feature (each module exposes ``add_cli(sub)``)."""
+    adders = []
+    for mod in ("data_synthesis.sandbox", "data_synthesis.annotate_app", "posttrain.evaluate"):
+        try:
+            m = __import__(mod, fromlist=["add_cli"])
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):  # the feature module is not part of this build
+                continue
+            raise
+        if hasattr(m, "add_cli"):
+            adders.append(m.add_cli)
+    return adders
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return a.fn(a) or 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

