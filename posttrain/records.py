@@ -70,6 +70,9 @@ def validate(rec: Any, kind: str | None = None, where: str = "<record>") -> dict
     """
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    for k in ("messages", "prompt", "chosen", "rejected", "margin"):
+        if k in rec and rec[k] is None:  # columnar formats fill absent columns with nulls
+            del rec[k]
     if isinstance(rec.get("meta"), str):  # columnar formats carry meta as a JSON string
         try:
             rec["meta"] = json.loads(rec["meta"])
@@ -200,9 +203,12 @@ def write_records(path: str | os.PathLike, records: Iterable[dict], kind: str | 
 def _jsonable_meta(rows: list[dict]) -> list[dict]:
     # Arrow needs one schema for all rows; free-form meta dicts rarely share one,
     # so meta travels as a JSON string in columnar formats and is decoded on read.
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
     out = []
     for r in rows:
-        r = dict(r)
+        r = {k: r.get(k) for k in keys}  # arrow infers the schema from the first row
         r["meta"] = json.dumps(r.get("meta") or {}, ensure_ascii=False)
         out.append(r)
     return out

