@@ -1,0 +1,132 @@
+"""Stage ``respond``: several responses per instruction from one or more samplers / sampling settings.
+
+Input: instruction records (e.g. stage ``evolve``'s ``records.jsonl``); the
+prompt of each record is sent as is (system turns kept).
+
+Method: each entry of ``generators`` (a label, an optional sampler section
+and model, and sampling settings with ``n`` responses) is run over all
+instructions in one sampler call; generators run one after another, so at
+most one vLLM engine is alive at a time. Exact duplicate responses within an
+instruction are dropped when ``dedupe`` is set.
+
+Outputs:
+
+* ``responses.jsonl``: one record per (instruction, generator) with that
+  generator's responses; appended as each generator finishes, so a killed run
+  resumes without sampling a finished generator again;
+* ``tasks.jsonl``: the annotation tasks, written when all generators are done.
+  One record per instruction::
+
+      {"id": INSTRUCTION_ID, "prompt": [messages...], "source": "respond",
+       "meta": {...instruction meta...},
+       "responses": [{"id": RESPONSE_ID, "text": "...", "label": GENERATOR_LABEL,
+                      "sampler": BACKEND, "model": MODEL_PATH_OR_NULL,
+                      "sampling": {temperature, top_p, max_tokens},
+                      "finish_reason": "stop" | "length", "n_tokens": N}, ...]}
+
+  This is the TASKS file that ``posttrain annotate serve`` loads.
+* ``stats.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_synthesis.instag import load_instructions
+from posttrain.recipe import input_field
+from posttrain.records import RecordWriter, iter_records, record_id, write_records
+from posttrain.sampling.base import SamplerConfig, SamplingParams
+
+
+@dataclass
+class Generator:
+    """One source of responses: a sampler (and model) with its sampling settings."""
+
+    label: str  # name shown in the records (e.g. "policy-t0.7", "sft-greedy")
+    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
+    model: str | None = None  # default: the recipe's model.path
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=2, temperature=0.8, max_tokens=256))
+
+
+@dataclass
+class RespondConfig:
+    """Keys of stage ``respond`` (multi-response generation for annotation)."""
+
+    input: str = input_field()  # instruction records (e.g. @evolve)
+    generators: list[Generator] = field(default_factory=lambda: [
+        Generator(label="t0.7", sampling=SamplingParams(n=2, temperature=0.7, max_tokens=256)),
+        Generator(label="t1.0", sampling=SamplingParams(n=2, temperature=1.0, max_tokens=256))])
+    dedupe: bool = True  # drop exact duplicate responses of one instruction
+    min_responses: int = 2  # instructions left with fewer responses are not written to tasks.jsonl
+    limit: int | None = None  # use only the first N instructions
+
+    def check(self) -> None:
+        """Cross-field checks."""
+        labels = [g.label for g in self.generators]
+        if not labels:
+            raise ValueError("generators: need at least one generator")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"generators: labels must be distinct, got {labels}")
+        if self.min_responses < 1:
+            raise ValueError("min_responses must be >= 1")
+
+
+def build_tasks(instructions: list[dict], by_generator: dict[tuple[str, str], list[dict]], labels: list[str],
+                dedupe: bool = True, min_responses: int = 2) -> tuple[list[dict], int]:
+    """Assemble annotation tasks from per-(instruction id, label) response lists.
+
+    Returns the tasks (instruction order, generator order within) and how many
+    instructions were skipped for having fewer than ``min_responses`` responses.
+    """
+    tasks, skipped = [], 0
+    for ins in instructions:
+        responses, seen = [], set()
+        for label in labels:
+            for resp in by_generator.get((ins["id"], label), []):
+                key = resp["text"].strip()
+                if dedupe and key in seen:
+                    continue
+                seen.add(key)
+                responses.append(resp)
+        if len(responses) < min_responses:
+            skipped += 1
+            continue
+        tasks.append({"id": ins["id"], "prompt": ins["prompt"], "source": "respond", "meta": ins["meta"],
+                      "responses": responses})
+    return tasks, skipped
+
+
+def run(cfg: RespondConfig, ctx) -> dict:
+    """Entry point of stage kind ``respond``."""
+    instructions = load_instructions(ctx.resolve(cfg.input), cfg.limit)
+    path = ctx.out_dir / "responses.jsonl"
+    with RecordWriter(path, "prompt") as w:
+        for g in cfg.generators:
+            todo = [ins for ins in instructions if not w.has(record_id("respond", ins["id"], g.label))]
+            if not todo:
+                continue
+            sampler = ctx.sampler(g.sampler, g.model)
+            model = g.model or (g.sampler.model if g.sampler else None) or ctx.recipe.file.model.path
+            bar = ctx.progress(total=len(todo), desc=f"{ctx.spec.name}: {g.label}")
+            outs = sampler.generate([ins["prompt"] for ins in todo], g.sampling)
+            for ins, comps in zip(todo, outs):
+                rid = record_id("respond", ins["id"], g.label)
+                resps = [{"id": record_id(rid, j), "text": c.text, "label": g.label, "sampler": sampler.name,
+                          "model": model, "sampling": {"temperature": g.sampling.temperature, "top_p": g.sampling.top_p,
+                                                       "max_tokens": g.sampling.max_tokens},
+                          "finish_reason": c.finish_reason, "n_tokens": len(c.token_ids)} for j, c in enumerate(comps)]
+                w.write({"id": rid, "prompt": ins["prompt"], "source": f"respond:{sampler.name}",
+                         "meta": {"instruction_id": ins["id"], "label": g.label, "responses": resps}})
+                bar.update(1)
+            bar.close()
+    by_gen = {(r["meta"]["instruction_id"], r["meta"]["label"]): r["meta"]["responses"] for r in iter_records(path, "prompt")}
+    labels = [g.label for g in cfg.generators]
+    tasks, skipped = build_tasks(instructions, by_gen, labels, cfg.dedupe, cfg.min_responses)
+    write_records(ctx.out_dir / "tasks.jsonl", tasks, "prompt")
+    n_resp = [len(t["responses"]) for t in tasks]
+    stats = {"instructions": len(instructions), "tasks": len(tasks), "skipped_too_few": skipped,
+             "responses": sum(n_resp), "per_generator": {lab: sum(1 for t in tasks for r in t["responses"]
+                                                                 if r["label"] == lab) for lab in labels},
+             "truncated": sum(1 for t in tasks for r in t["responses"] if r["finish_reason"] == "length")}
+    ctx.write_json("stats.json", stats)
+    return stats

@@ -1,0 +1,256 @@
+"""Stage ``select``: complexity-first diverse sampling of tagged instructions to a budget.
+
+Input: tagged instruction records (the ``records.jsonl`` of stage ``instag``:
+``meta.tags`` lists each instruction's canonical tags; records without tags
+count as having none).
+
+Method (InsTag): optionally score every instruction for *semantic richness*
+and *intent completeness* and drop those below ``min_completeness``; sort by
+number of tags (complexity) descending, then by the mean score, then by a
+seeded random tie-break; walk the list and take an instruction when it adds at
+least one tag not yet covered; when a pass ends with the budget unmet, start a
+new pass over the remaining instructions with an empty coverage set; when no
+remaining instruction has tags, fill up in sort order. Deterministic for a seed.
+
+Scores (``scoring``):
+
+* ``heuristic`` (default, no model): richness = 1 - exp(-u / 15), u the number of
+  distinct content words (stop words removed; each CJK character counts as a
+  word); completeness = mean of four checks: a task signal (a question mark, or
+  an imperative / question word such as write, explain, list, how, what),
+  at least ``min_words`` words, a finished ending (final punctuation, bracket,
+  quote or code fence, or a last word that is not a stop word), and no unfilled placeholder (``[insert ...]``, ``<your
+  ...>``, ``TODO``, ``...`` at the end).
+* ``llm``: the sampler judges both on a 1-5 scale as JSON; scores map to
+  (x - 1) / 4; an unparseable judgement falls back to the heuristic and is
+  counted (``judge_failed``). Judgements are saved in ``scores.jsonl`` (resumable).
+* ``none``: both scores are 0; ordering is by tag count and the seed.
+
+Outputs: ``records.jsonl`` (the selected records in selection order;
+``meta.select`` = rank, pass, n_tags, richness, completeness) and
+``report.json`` (count, distinct tags, tag coverage, tags per instruction and
+mean scores, before and after; also in the manifest).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_synthesis.instag import extract_json, instruction_text
+from posttrain.recipe import input_field
+from posttrain.records import RecordWriter, iter_records, write_records
+from posttrain.sampling.base import SamplerConfig, SamplingParams
+
+
+@dataclass
+class SelectConfig:
+    """Keys of stage ``select`` (complexity-first diverse sampling)."""
+
+    input: str = input_field()  # tagged records (stage instag's records.jsonl or folder)
+    budget: int = 100  # how many instructions to select
+    scoring: Literal["none", "heuristic", "llm"] = "heuristic"  # richness/completeness scores (see module doc)
+    min_completeness: float = 0.0  # drop instructions whose completeness score is below this (0..1)
+    min_words: int = 3  # heuristic completeness: fewer words than this fails the length check
+    reset_coverage: bool = True  # start a new pass with empty coverage when a pass ends under budget
+    sampler: SamplerConfig | None = None  # scoring: llm — default: the recipe's sampler
+    model: str | None = None  # scoring: llm — default: the recipe's model.path
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=64))
+
+    def check(self) -> None:
+        """Cross-field checks."""
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {self.budget}")
+        if not 0 <= self.min_completeness <= 1:
+            raise ValueError("min_completeness must be in [0, 1]")
+
+
+# ---------------------------------------------------------------- heuristic scores (pure)
+
+STOP_WORDS = set("""a an the and or but if then else of to in on at by for with from as is are was were be been being
+it its this that these those i you he she we they me my your our their them his her him do does did done
+so such than too very can could should would will shall may might must not no nor only own same just also
+about into over under again further once here there when where which who whom what why how all any both each
+few more most other some please""".split())
+
+TASK_WORDS = set("""write explain list give create describe summarize summarise translate compare calculate compute find
+solve generate make design draft compose rewrite edit classify identify suggest recommend analyze analyse evaluate
+convert implement build plan outline tell name define prove show help provide propose debug fix refactor
+how what why when where which who whom whose can could should would is are do does""".split())
+
+_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]|[^\W\d_]+|\d+", re.U)
+_PLACEHOLDER = re.compile(r"\[(insert|your|add|placeholder)[^\]]*\]|<(your|insert)[^>]*>|\bTODO\b|\.\.\.\s*$|…\s*$", re.I)
+_ENDING = re.compile(r"""[.?!)\]"'`:;。？！）」』]\s*$""")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of ``text`` (each CJK character is a word)."""
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def richness_score(text: str) -> float:
+    """Semantic richness in [0, 1): saturating in the number of distinct content words."""
+    content = {w for w in words(text) if w not in STOP_WORDS and (len(w) > 1 or not w.isascii())}
+    return round(1 - math.exp(-len(content) / 15), 4)
+
+
+def completeness_checks(text: str, min_words: int = 3) -> dict[str, bool]:
+    """The four intent-completeness checks of the heuristic (see module docstring)."""
+    ws = words(text)
+    return {"task_signal": "?" in text or "？" in text or any(w in TASK_WORDS for w in ws),
+            "long_enough": len(ws) >= min_words,
+            # a cut-off request ends mid-phrase ("... about the", "... and,"): punctuation or a content word
+            "finished": bool(_ENDING.search(text.strip())) or (bool(re.search(r"\w\s*$", text.strip()))
+                                                               and bool(ws) and ws[-1] not in STOP_WORDS),
+            "no_placeholder": not _PLACEHOLDER.search(text)}
+
+
+def completeness_score(text: str, min_words: int = 3) -> float:
+    """Intent completeness in [0, 1]: the fraction of ``completeness_checks`` that pass."""
+    c = completeness_checks(text, min_words)
+    return round(sum(c.values()) / len(c), 4)
+
+
+# ---------------------------------------------------------------- selection (pure)
+
+def complexity_first_diverse(tags: list[list[str]], budget: int, scores: list[float] | None = None, seed: int = 0,
+                             reset_coverage: bool = True) -> list[tuple[int, int]]:
+    """Indices chosen by complexity-first diverse sampling, with the pass each was taken in.
+
+    Sort by tag count (desc), score (desc), seeded random; take an item when it adds
+    an uncovered tag; repeat passes with empty coverage until ``budget``; then fill
+    with tag-less leftovers in sort order. Returns ``[(index, pass_number)]``.
+    """
+    rng = random.Random(seed)
+    tie = [rng.random() for _ in tags]
+    scores = scores or [0.0] * len(tags)
+    order = sorted(range(len(tags)), key=lambda i: (-len(set(tags[i])), -scores[i], tie[i]))
+    chosen: list[tuple[int, int]] = []
+    remaining = order
+    n_pass = 0
+    while remaining and len(chosen) < budget:
+        covered: set[str] = set()
+        rest = []
+        for i in remaining:
+            new = set(tags[i]) - covered
+            if len(chosen) < budget and new:
+                chosen.append((i, n_pass))
+                covered |= set(tags[i])
+            else:
+                rest.append(i)
+        if len(rest) == len(remaining) or not reset_coverage:
+            # nothing left adds a tag (or no new passes wanted): fill in sort order
+            chosen += [(i, n_pass + 1) for i in rest[: budget - len(chosen)]]
+            break
+        remaining = rest
+        n_pass += 1
+    return chosen
+
+
+def describe(tag_lists: list[list[str]], rich: list[float], comp: list[float], universe: int | None = None) -> dict:
+    """Coverage and complexity summary of a set of tagged instructions."""
+    distinct = {t for tags in tag_lists for t in tags}
+    n = [len(set(t)) for t in tag_lists]
+    return {"instructions": len(tag_lists), "distinct_tags": len(distinct),
+            "tag_coverage": round(len(distinct) / universe, 4) if universe else None,
+            "mean_tags": round(statistics.fmean(n), 3) if n else 0.0,
+            "median_tags": statistics.median(n) if n else 0,
+            "tag_count_histogram": {str(k): v for k, v in sorted(Counter(n).items())},
+            "mean_richness": round(statistics.fmean(rich), 4) if rich else 0.0,
+            "mean_completeness": round(statistics.fmean(comp), 4) if comp else 0.0}
+
+
+# ---------------------------------------------------------------- LLM judging
+
+JUDGE_PROMPT = """Rate the user instruction below on two scales from 1 (worst) to 5 (best).
+semantic_richness: how much distinct, meaningful content and detail it carries.
+intent_completeness: whether it states a clear, complete request that can be answered without guessing.
+Answer with JSON only: {{"semantic_richness": N, "intent_completeness": N}}
+
+Instruction:
+<<<
+{instruction}
+>>>"""
+
+
+def parse_judgement(text: str) -> tuple[float, float] | None:
+    """``(richness, completeness)`` in [0, 1] from a judge answer, or None when unparseable."""
+    def want(o):
+        if not isinstance(o, dict):
+            return None
+        r, c = o.get("semantic_richness", o.get("richness")), o.get("intent_completeness", o.get("completeness"))
+        if isinstance(r, (int, float)) and isinstance(c, (int, float)) and 1 <= r <= 5 and 1 <= c <= 5:
+            return (round((r - 1) / 4, 4), round((c - 1) / 4, 4))
+        return None
+
+    return extract_json(text or "", want)
+
+
+def _llm_scores(cfg: SelectConfig, ctx, recs: list[dict], texts: list[str]) -> tuple[dict[str, tuple[float, float]], int]:
+    path = ctx.out_dir / "scores.jsonl"
+    with RecordWriter(path, "prompt") as w:
+        todo = [(r, t) for r, t in zip(recs, texts) if not w.has(r["id"])]
+        if todo:
+            sampler = ctx.sampler(cfg.sampler, cfg.model)
+            bar = ctx.progress(total=len(todo), desc=f"{ctx.spec.name}: judging")
+            outs = sampler.generate([[{"role": "user", "content": JUDGE_PROMPT.format(instruction=t)}] for _, t in todo],
+                                    cfg.sampling)
+            for (r, t), comps in zip(todo, outs):
+                got = parse_judgement(comps[0].text)
+                if got is None:  # fall back to the heuristic, and say so
+                    got, ok = (richness_score(t), completeness_score(t, cfg.min_words)), False
+                else:
+                    ok = True
+                w.write({"id": r["id"], "prompt": r["prompt"], "source": f"select-judge:{sampler.name}",
+                         "meta": {"richness": got[0], "completeness": got[1], "judged": ok}})
+                bar.update(1)
+            bar.close()
+    scores, failed = {}, 0
+    for s in iter_records(path, "prompt"):
+        scores[s["id"]] = (s["meta"]["richness"], s["meta"]["completeness"])
+        failed += not s["meta"]["judged"]
+    return scores, failed
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(cfg: SelectConfig, ctx) -> dict:
+    """Entry point of stage kind ``select``."""
+    recs = list(iter_records(ctx.resolve(cfg.input)))
+    texts = [instruction_text(r) for r in recs]
+    tags = [list((r.get("meta") or {}).get("tags") or []) for r in recs]
+    judge_failed = 0
+    if cfg.scoring == "heuristic":
+        rich = [richness_score(t) for t in texts]
+        comp = [completeness_score(t, cfg.min_words) for t in texts]
+    elif cfg.scoring == "llm":
+        sc, judge_failed = _llm_scores(cfg, ctx, recs, texts)
+        rich = [sc[r["id"]][0] for r in recs]
+        comp = [sc[r["id"]][1] for r in recs]
+    else:
+        rich = comp = [0.0] * len(recs)
+    universe = len({t for ts in tags for t in ts})
+    before = describe(tags, rich, comp, universe)
+    keep = [i for i in range(len(recs)) if comp[i] >= cfg.min_completeness]
+    chosen = complexity_first_diverse([tags[i] for i in keep], cfg.budget,
+                                      [(rich[i] + comp[i]) / 2 for i in keep], ctx.seed, cfg.reset_coverage)
+    out = []
+    for rank, (j, n_pass) in enumerate(chosen):
+        i = keep[j]
+        r = dict(recs[i])
+        r["meta"] = {**(r.get("meta") or {}), "select": {"rank": rank, "pass": n_pass, "n_tags": len(set(tags[i])),
+                                                        "richness": rich[i], "completeness": comp[i]}}
+        out.append(r)
+    write_records(ctx.out_dir / "records.jsonl", out, "prompt")
+    idx = [keep[j] for j, _ in chosen]
+    after = describe([tags[i] for i in idx], [rich[i] for i in idx], [comp[i] for i in idx], universe)
+    report = {"budget": cfg.budget, "scoring": cfg.scoring, "dropped_incomplete": len(recs) - len(keep),
+              "judge_failed": judge_failed, "passes": 1 + max((p for _, p in chosen), default=0),
+              "before": before, "after": after}
+    ctx.write_json("report.json", report)
+    return report
