@@ -1,0 +1,338 @@
+"""Stage ``code_feedback``: execution feedback for code (solutions and tests run in the sandbox).
+
+Input: programming-problem records (``prompt`` or ``messages``) with optional
+given tests (``tests_field``, default ``meta.tests``: a list of Python ``assert``
+lines, or of ``{"input": [args...], "output": value}`` objects for the function
+named in ``entry_point_field``).
+
+Per problem the model writes ``n_solutions`` solutions and (when no tests are given,
+or ``generate_tests`` is on) test cases as ``assert`` lines. Every solution runs
+against every candidate test in the sandbox (``data_synthesis.sandbox``; a pool of
+processes, per-test time limit). Model-written tests are cross-checked against the
+solutions: a test that no solution passes is discarded, and so is a test that
+contradicts the consensus: solutions are grouped by which tests they pass, the group
+with the largest agreement (solutions in group x tests passed, as in CodeT) is the
+consensus, and tests that group fails are dropped. Given tests are trusted unless
+``cross_check_given``. A solution passes when it passes all kept tests.
+
+Output (stage folder): ``demonstrations.jsonl`` (passing solutions, distinct code,
+up to ``max_per_problem``), ``preferences.jsonl`` (passing vs failing solutions of
+the same problem), both with pass counts in ``meta``; ``problems.jsonl`` (the
+commit log with per-problem counts and the kept tests); ``report.json``.
+Resumable like ``rejection_sampling``: committed problems are skipped, records of
+an interrupted problem are dropped and redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from data_synthesis.rejection_sampling import build_prompt, committed_ids, drop_uncommitted, get_field
+from posttrain.recipe import input_field
+from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id
+from posttrain.sampling.base import SamplerConfig, SamplingParams
+
+log = logging.getLogger("posttrain.code_feedback")
+
+SOLUTION_INSTRUCTION = ("\n\nWrite a Python function `{entry_point}` that solves this. Reply with the complete "
+                        "code in one ```python block.")
+TEST_PROMPT = ("Write {n} test cases for the Python function `{entry_point}` described below, as `assert` "
+               "statements, one per line, in one ```python block. Do not write the function itself.\n\n"
+               "{problem}")
+
+
+@dataclass
+class CodeFeedbackConfig:
+    """Keys of stage ``code_feedback``."""
+
+    input: str = input_field()  # programming problems (prompt records)
+    tests_field: str = "meta.tests"  # dotted path of given tests (assert lines or {input, output} objects)
+    entry_point_field: str = "meta.entry_point"  # dotted path of the function name the tests call
+    n_solutions: int = 8  # solutions sampled per problem
+    generate_tests: bool = False  # also let the model write tests when the problem has some
+    n_test_samples: int = 2  # test-writing completions per problem (when tests are generated)
+    tests_per_sample: int = 5  # the number of tests the test prompt asks for
+    max_tests: int = 20  # at most this many distinct candidate tests per problem
+    min_tests: int = 1  # problems with fewer kept tests give no records
+    cross_check_given: bool = False  # also filter given tests by the solutions' consensus
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512))
+    test_sampling: SamplingParams | None = None  # sampling for test writing (default: ``sampling``)
+    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
+    model: str | None = None  # default: the recipe's model.path
+    system_prompt: str | None = None  # optional system turn for the solution prompt
+    solution_instruction: str = SOLUTION_INSTRUCTION  # appended to the problem; {entry_point} is filled in
+    test_prompt: str = TEST_PROMPT  # the test-writing prompt; {n}, {entry_point}, {problem} are filled in
+    timeout_s: float = 10.0  # sandbox wall-clock limit for one solution with all its tests
+    test_timeout_s: float = 2.0  # limit for a single test (an alarm inside the sandbox)
+    memory_mb: int = 512  # sandbox address-space limit
+    workers: int | None = None  # parallel sandbox processes (default: CPU count)
+    allow_network: bool = False  # run code even where the sandbox cannot isolate it (no namespaces): unsafe
+    max_per_problem: int = 4  # passing solutions kept as demonstrations per problem
+    max_pairs_per_problem: int = 4  # passing-vs-failing preference pairs per problem
+    chunk_size: int = 64  # problems per sampler call; the resume granularity
+    limit: int | None = None  # use only the first N problems
+
+    def check(self) -> None:
+        """Cross-field checks."""
+        if self.n_solutions < 1 or self.chunk_size < 1 or self.min_tests < 1:
+            raise ValueError("n_solutions, chunk_size and min_tests must be >= 1")
+        if self.timeout_s <= 0 or self.test_timeout_s <= 0:
+            raise ValueError("timeout_s and test_timeout_s must be > 0")
+
+
+# ---------------------------------------------------------------- parsing (pure)
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(text: str) -> str | None:
+    """The last ```python (or unlabeled) fenced block; the whole text if it plainly is code; else None."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text or "")]
+    py = [b for lang, b in blocks if lang in ("python", "py", "python3", "")]
+    if py:
+        return py[-1].strip("\n") + "\n"
+    if re.search(r"^\s*(def|class|import|from)\s", text or "", re.MULTILINE):
+        return text.strip("\n") + "\n"
+    return None
+
+
+def extract_tests(text: str) -> list[str]:
+    """One-line ``assert`` statements in a completion (inside code blocks or not), in order, distinct."""
+    seen, out = set(), []
+    for line in (text or "").splitlines():
+        s = line.strip()
+        if s.startswith("assert ") and s not in seen:
+            try:
+                compile(s, "<test>", "exec")
+            except SyntaxError:
+                continue
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def normalize_tests(raw: object, entry_point: str | None, where: str) -> list[str]:
+    """Given tests as assert lines; ``{"input": args, "output": value}`` objects need ``entry_point``."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: tests must be a list, got {type(raw).__name__}")
+    out = []
+    for i, t in enumerate(raw):
+        if isinstance(t, str):
+            out.append(t.strip())
+        elif isinstance(t, dict) and "input" in t and "output" in t:
+            if not entry_point:
+                raise ValueError(f"{where}: tests[{i}] is an input/output pair but the record has no entry point")
+            args = t["input"] if isinstance(t["input"], list) else [t["input"]]
+            out.append(f"assert {entry_point}(*{args!r}) == {t['output']!r}")
+        else:
+            raise ValueError(f"{where}: tests[{i}] must be an assert string or {{input, output}}")
+    return out
+
+
+def normalize_code(code: str) -> str:
+    """Code without comments, docstring-free blank lines and spacing: for deduping solutions."""
+    lines = []
+    for line in code.splitlines():
+        line = re.sub(r"#.*$", "", line).rstrip()
+        if line.strip():
+            lines.append(re.sub(r"\s+", " ", line))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- test selection (pure)
+
+def select_tests(matrix: list[list[bool]], trusted: list[bool]) -> tuple[list[int], dict[str, list[int]]]:
+    """Cross-check tests against solutions.
+
+    ``matrix[s][t]``: solution s passes test t (only solutions that loaded). Returns the kept
+    test indices and the discarded ones by reason (``no_solution_passes``, ``against_consensus``).
+    """
+    n_tests = len(trusted)
+    if not matrix:
+        return [t for t in range(n_tests) if trusted[t]], {"no_solution_passes": [], "against_consensus": []}
+    none_pass = [t for t in range(n_tests) if not trusted[t] and not any(row[t] for row in matrix)]
+    alive = [t for t in range(n_tests) if t not in none_pass]
+    groups: dict[tuple[bool, ...], int] = {}
+    for row in matrix:
+        key = tuple(row[t] for t in alive)
+        groups[key] = groups.get(key, 0) + 1
+    # consensus: the largest agreement (solutions in the group x tests they pass); ties -> more tests
+    best = max(groups, key=lambda k: (groups[k] * sum(k), sum(k), groups[k]))
+    kept = [t for t, ok in zip(alive, best) if ok or trusted[t]]
+    against = [t for t in alive if t not in kept]
+    return kept, {"no_solution_passes": none_pass, "against_consensus": against}
+
+
+# The adapter appended to every solution: runs one test with a per-test alarm. Its name gets a
+# random suffix per run, so a solution cannot pre-define it to fake passing tests.
+_ADAPTER = '''
+
+def @NAME@(__test):
+    import signal as __signal
+
+    def __alarm(*_):
+        raise TimeoutError("test took longer than @T@ s")
+    __signal.signal(__signal.SIGALRM, __alarm)
+    __signal.setitimer(__signal.ITIMER_REAL, @T@)
+    try:
+        exec(__test, globals())
+    finally:
+        __signal.setitimer(__signal.ITIMER_REAL, 0)
+    return True
+'''
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(cfg: CodeFeedbackConfig, ctx) -> dict:
+    """Entry point of stage kind ``code_feedback``."""
+    from data_synthesis.sandbox import SandboxLimits, SandboxPool
+
+    src = ctx.resolve(cfg.input)
+    problems = []
+    for n, rec in enumerate(iter_records(src, "prompt"), 1):
+        ep = get_field(rec, cfg.entry_point_field)
+        tests = normalize_tests(get_field(rec, cfg.tests_field), ep, f"{src}:{n}")
+        instr = cfg.solution_instruction.replace("{entry_point}", ep or "solution")
+        problems.append({"id": rec["id"], "prompt": build_prompt(rec, cfg.system_prompt, instr),
+                         "text": rec["prompt"][-1]["content"], "entry_point": ep, "given": tests})
+    if cfg.limit is not None:
+        problems = problems[: cfg.limit]
+    out = ctx.out_dir
+    log_path = out / "problems.jsonl"
+    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
+    done = committed_ids(log_path)
+    dropped = drop_uncommitted([demo_path, pref_path], done)
+    if dropped:
+        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
+    todo = [p for p in problems if p["id"] not in done]
+    sol_params = replace(cfg.sampling, n=cfg.n_solutions)
+    test_params = replace(cfg.test_sampling or cfg.sampling, n=cfg.n_test_samples)
+    bar = ctx.progress(total=len(problems), initial=len(problems) - len(todo))
+    pool = SandboxPool(cfg.workers, SandboxLimits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
+                                                  allow_network=cfg.allow_network))
+    try:
+        with RecordWriter(demo_path, "demonstration") as dw, RecordWriter(pref_path, "preference") as pw, \
+                RecordWriter(log_path, "prompt") as lw:
+            sampler = ctx.sampler(cfg.sampler, cfg.model) if todo else None
+            source = f"code_feedback:{getattr(sampler, 'name', '?')}"
+            for start in range(0, len(todo), cfg.chunk_size):
+                chunk = todo[start: start + cfg.chunk_size]
+                sols = sampler.generate([p["prompt"] for p in chunk], sol_params)
+                want = [p for p in chunk if cfg.generate_tests or not p["given"]]
+                test_outs = sampler.generate([[{"role": "user", "content": cfg.test_prompt.replace(
+                    "{n}", str(cfg.tests_per_sample)).replace("{entry_point}", p["entry_point"] or "solution")
+                    .replace("{problem}", p["text"])}] for p in want], test_params) if want else []
+                written = {p["id"]: [c.text for c in o] for p, o in zip(want, test_outs)}
+                jobs, owners = [], []
+                cand: list[tuple[list[str], list[bool]]] = []
+                codes: list[list[str | None]] = []
+                for p, comps in zip(chunk, sols):
+                    tests = list(p["given"])
+                    trusted = [not cfg.cross_check_given] * len(tests)
+                    for t in (x for text in written.get(p["id"], []) for x in extract_tests(text)):
+                        if t not in tests and len(tests) < max(cfg.max_tests, len(p["given"])):
+                            tests.append(t)
+                            trusted.append(False)
+                    cand.append((tests, trusted))
+                    cs = [extract_code(c.text) for c in comps]
+                    codes.append(cs)
+                    for j, code in enumerate(cs):
+                        if code is not None and tests:
+                            name = f"_cf_run_{secrets.token_hex(8)}"
+                            adapter = _ADAPTER.replace("@T@", repr(float(cfg.test_timeout_s))).replace("@NAME@", name)
+                            jobs.append((code + adapter, name, tests))
+                            owners.append((len(codes) - 1, j))
+                results = pool.call_many(jobs)
+                runs: dict[tuple[int, int], tuple] = dict(zip(owners, results))
+                for i, (p, comps) in enumerate(zip(chunk, sols)):
+                    stats = _judge_problem(p, [c.text for c in comps], codes[i], cand[i],
+                                           {j: runs[(i, j)] for j in range(len(comps)) if (i, j) in runs},
+                                           cfg, dw, pw, source)
+                    lw.write({"id": p["id"], "prompt": p["prompt"], "source": source, "meta": stats})  # commit
+                    bar.update(1)
+    finally:
+        pool.close()
+        bar.close()
+    return _report(ctx, log_path, demo_path, pref_path)
+
+
+def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tuple[list[str], list[bool]],
+                   runs: dict[int, tuple], cfg: CodeFeedbackConfig, dw: RecordWriter, pw: RecordWriter,
+                   source: str) -> dict:
+    tests, trusted = cand
+    # pass matrix over solutions that ran (a crash of the whole process fails every test)
+    ran = sorted(runs)
+    matrix = [[v is True for v in runs[j][1]] for j in ran]
+    loaded = [r for j, r in zip(ran, matrix) if not _load_failed(runs[j][1])]
+    kept, discarded = select_tests(loaded, trusted)
+    passed = {j: sum(matrix[ran.index(j)][t] for t in kept) if j in runs else 0 for j in range(len(texts))}
+    ok = [j for j in range(len(texts)) if j in runs and len(kept) >= cfg.min_tests and passed[j] == len(kept)]
+    status = {j: ("malformed" if codes[j] is None else "pass" if j in ok else "untested" if j not in runs else
+                  runs[j][0].status if runs[j][0].status != "ok" else "fail") for j in range(len(texts))}
+    prompt = p["prompt"]
+
+    def meta(j: int) -> dict:
+        return {"problem_id": p["id"], "passed": passed[j], "total": len(kept), "status": status[j]}
+
+    seen, keep = set(), []
+    for j in ok:
+        key = normalize_code(codes[j] or "")
+        if key not in seen and len(keep) < cfg.max_per_problem:
+            seen.add(key)
+            keep.append(j)
+    for j in keep:
+        dw.write(demonstration(prompt + [{"role": "assistant", "content": texts[j]}], source=source,
+                               id=record_id("cf-demo", p["id"], texts[j]),
+                               meta={**meta(j), "n_passing": len(ok), "n_solutions": len(texts)}))
+    # failing: most-passed first (hard negatives), then errors, malformed last; distinct texts only
+    fails, fseen = [], set()
+    for j in sorted((j for j in range(len(texts)) if j not in ok), key=lambda j: (codes[j] is None, -passed[j], j)):
+        if texts[j].strip() and texts[j] not in fseen:
+            fseen.add(texts[j])
+            fails.append(j)
+    pairs = []
+    if keep and fails and len(kept) >= cfg.min_tests:
+        for i in range(min(cfg.max_pairs_per_problem, max(len(keep), len(fails)))):
+            a, b = keep[i % len(keep)], fails[i % len(fails)]
+            pw.write(preference(prompt, texts[a], texts[b], source=source, margin=(passed[a] - passed[b]) / len(kept),
+                                id=record_id("cf-pref", p["id"], texts[a], texts[b]),
+                                meta={"problem_id": p["id"], "chosen_passed": passed[a], "rejected_passed": passed[b],
+                                      "total": len(kept), "rejected_status": status[b]}))
+            pairs.append((a, b))
+    return {"problem_id": p["id"], "solutions": len(texts), "malformed": sum(c is None for c in codes),
+            "tests_given": len(p["given"]), "tests_candidate": len(tests), "tests_kept": len(kept),
+            "tests_no_solution_passes": len(discarded["no_solution_passes"]),
+            "tests_against_consensus": len(discarded["against_consensus"]),
+            "passing": len(ok), "kept": len(keep), "pairs": len(pairs),
+            "pass_counts": [passed[j] for j in range(len(texts))], "status": [status[j] for j in range(len(texts))],
+            "kept_tests": [tests[t] for t in kept]}
+
+
+def _load_failed(values: list) -> bool:
+    """True when every test errored the same way before running (the solution did not load or run)."""
+    errs = [v.get("error") for v in values if isinstance(v, dict)]
+    return len(errs) == len(values) and len(set(errs)) == 1 and not str(errs[0]).startswith("AssertionError")
+
+
+def _report(ctx, log_path: Path, demo_path: Path, pref_path: Path) -> dict:
+    rows = [r["meta"] for r in iter_records(log_path, "prompt")]
+    n_sol = sum(r["solutions"] for r in rows)
+    summary = {
+        "problems": len(rows),
+        "problems_with_passing": sum(r["passing"] > 0 for r in rows),
+        "solution_pass_rate": round(sum(r["passing"] for r in rows) / n_sol, 4) if n_sol else None,
+        "malformed_rate": round(sum(r["malformed"] for r in rows) / n_sol, 4) if n_sol else None,
+        "tests_candidate": sum(r["tests_candidate"] for r in rows),
+        "tests_kept": sum(r["tests_kept"] for r in rows),
+        "demonstrations": sum(1 for _ in iter_records(demo_path)) if demo_path.exists() else 0,
+        "preferences": sum(1 for _ in iter_records(pref_path)) if pref_path.exists() else 0,
+    }
+    ctx.write_json("report.json", {**summary, "per_problem": rows})
+    return summary

@@ -1,0 +1,306 @@
+"""Stage ``rejection_sampling``: sample k reasoning paths per problem, keep the verified ones.
+
+Input: prompt records (``prompt`` or ``messages``) whose reference answer sits in a
+configurable field (``answer_field``: ``meta.answer``, ``answer``, ...; a GSM8K-style
+solution ending in ``#### 42`` is reduced to its answer). Problems without a
+reference are skipped, or, with ``reward_model`` set, scored by that reward model
+(best-of-N).
+
+Output (in the stage folder):
+* ``demonstrations.jsonl``: per problem, up to ``max_per_problem`` correct paths,
+  near-duplicates removed (same equation sequence or similar text) and the most
+  different ones preferred; best-of-N picks for problems without a reference.
+* ``preferences.jsonl``: correct vs incorrect paths of the same problem (and
+  best vs worst by reward for best-of-N problems, with ``margin``).
+* ``problems.jsonl``: one line per finished problem with its counts (samples,
+  correct, no answer, kept, pairs, pass@1, pass@k). It is the commit log: a problem
+  counts as done once its line is written.
+* ``report.json``: mean pass@1 / pass@k and kept counts per problem.
+
+Resumable: problems are processed in chunks (one sampler call each); on restart,
+committed problems are skipped and records of a problem that was interrupted
+half-way are dropped before it is redone, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from data_synthesis import math_verify as mv
+from posttrain.recipe import input_field
+from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
+from posttrain.sampling.base import SamplerConfig, SamplingParams
+
+log = logging.getLogger("posttrain.rejection_sampling")
+
+DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Keys of stage ``rejection_sampling``."""
+
+    input: str = input_field()  # prompt records (JSONL/Parquet/datasets) with a reference answer
+    answer_field: str = "meta.answer"  # dotted path of the reference answer in each record ("answer", "meta.answer")
+    k: int = 8  # reasoning paths sampled per problem (overrides sampling.n)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512))
+    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
+    model: str | None = None  # default: the recipe's model.path
+    system_prompt: str | None = None  # optional system turn put before each problem
+    instruction: str = DEFAULT_INSTRUCTION  # appended to the last user turn ("" sends the problem as is)
+    extractors: list[str] = field(default_factory=lambda: list(mv.DEFAULT_ORDER))  # answer extractors, in order
+    rel_tol: float = 1e-4  # relative tolerance of numeric equivalence
+    use_math_verify: bool = True  # symbolic equivalence with the math-verify library when installed
+    require_terminated: bool = True  # a path cut by max_tokens never counts as correct
+    max_per_problem: int = 4  # m: at most this many correct paths kept per problem
+    similarity_threshold: float = 0.9  # paths at least this similar to a kept one are duplicates
+    max_pairs_per_problem: int = 4  # correct-vs-incorrect preference pairs per problem
+    reward_model: str | None = None  # problems without a reference: best-of-N by this reward model (None: skip)
+    reward_tokenizer: str | None = None  # the reward model's tokenizer folder (default: the reward model's own)
+    min_reward_margin: float = 0.0  # best-of-N: a best-vs-worst pair needs at least this score gap
+    chunk_size: int = 256  # problems per sampler call; the resume granularity
+    limit: int | None = None  # use only the first N problems
+
+    def check(self) -> None:
+        """Cross-field checks."""
+        bad = [e for e in self.extractors if e not in mv.EXTRACTORS]
+        if bad or not self.extractors:
+            raise ValueError(f"extractors: unknown {bad} (choose from {', '.join(mv.EXTRACTORS)})")
+        if self.k < 1 or self.max_per_problem < 0 or self.chunk_size < 1:
+            raise ValueError("k and chunk_size must be >= 1, max_per_problem >= 0")
+        if not 0 < self.similarity_threshold <= 1:
+            raise ValueError("similarity_threshold must be in (0, 1]")
+
+
+# ---------------------------------------------------------------- shared helpers (also used by code_feedback)
+
+def get_field(rec: dict, dotted: str) -> Any:
+    """``rec["a"]["b"]`` for ``"a.b"``; None when any part is missing."""
+    node: Any = rec
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def drop_uncommitted(paths: list[Path], committed: set[str]) -> int:
+    """Remove records whose ``meta.problem_id`` is not committed (a problem interrupted half-way).
+
+    Rewrites each file atomically; returns how many records were dropped.
+    """
+    dropped = 0
+    for p in paths:
+        if not p.exists():
+            continue
+        keep, n = [], 0
+        for line in p.read_bytes().split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                n += 1  # a torn last line
+                continue
+            if (rec.get("meta") or {}).get("problem_id") in committed:
+                keep.append(line)
+            else:
+                n += 1
+        if n:
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_bytes(b"".join(x + b"\n" for x in keep))
+            os.replace(tmp, p)
+            dropped += n
+    return dropped
+
+
+def committed_ids(log_path: Path) -> set[str]:
+    """Ids of problems whose commit line is in ``problems.jsonl`` (a torn last line does not count)."""
+    if not log_path.exists():
+        return set()
+    ids = set()
+    for line in log_path.read_bytes().split(b"\n"):
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def build_prompt(rec: dict, system_prompt: str | None, instruction: str) -> list[dict]:
+    """The chat prompt of a problem record, with the optional system turn and instruction suffix."""
+    msgs = [dict(m) for m in to_chat_prompt(rec)]
+    if instruction and msgs and msgs[-1]["role"] == "user":
+        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + instruction
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return msgs
+
+
+# ---------------------------------------------------------------- judging one problem (pure)
+
+def judge_paths(texts: list[str], finish_reasons: list[str], reference: str, cfg: RejectionSamplingConfig) -> dict:
+    """Verify each path against the reference; choose diverse correct paths and preference pairs.
+
+    Returns ``answers``, ``correct`` (per path), ``kept`` (indices of kept correct paths) and
+    ``pairs`` (index pairs chosen/rejected).
+    """
+    answers = [mv.extract_answer(t, cfg.extractors) for t in texts]
+    correct = []
+    for t, a, fr in zip(texts, answers, finish_reasons):
+        ok = mv.answers_equal(a, reference, rel_tol=cfg.rel_tol, use_math_verify=cfg.use_math_verify)
+        correct.append(ok and (fr == "stop" or not cfg.require_terminated))
+    good = [i for i, c in enumerate(correct) if c]
+    picked = mv.select_diverse([texts[i] for i in good], cfg.max_per_problem, cfg.similarity_threshold)
+    kept = [good[j] for j in picked]
+    # rejected candidates: wrong answers first (clearer signal), then paths without an answer;
+    # identical texts are used once
+    seen: set[str] = set()
+    bad = []
+    for i in sorted((i for i, c in enumerate(correct) if not c), key=lambda i: answers[i] is None):
+        if texts[i].strip() and texts[i] not in seen:
+            seen.add(texts[i])
+            bad.append(i)
+    chosen_pool = kept or good[:1]
+    pairs = []
+    if chosen_pool and bad:
+        for i in range(min(cfg.max_pairs_per_problem, max(len(chosen_pool), len(bad)))):
+            pairs.append((chosen_pool[i % len(chosen_pool)], bad[i % len(bad)]))
+    return {"answers": answers, "correct": correct, "kept": kept, "pairs": pairs}
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(cfg: RejectionSamplingConfig, ctx) -> dict:
+    """Entry point of stage kind ``rejection_sampling``."""
+    src = ctx.resolve(cfg.input)
+    problems = []
+    for rec in iter_records(src, "prompt"):
+        ref = mv.reference_answer(get_field(rec, cfg.answer_field))
+        problems.append((rec["id"], build_prompt(rec, cfg.system_prompt, cfg.instruction), ref))
+    if cfg.limit is not None:
+        problems = problems[: cfg.limit]
+    if not cfg.reward_model:
+        n_noref = sum(p[2] is None for p in problems)
+        if n_noref:
+            log.warning("%s: %d problems have no reference at %r and no reward_model is set: skipped",
+                        src, n_noref, cfg.answer_field)
+    out = ctx.out_dir
+    log_path = out / "problems.jsonl"
+    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
+    done = committed_ids(log_path)
+    dropped = drop_uncommitted([demo_path, pref_path], done)
+    if dropped:
+        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
+    params = replace(cfg.sampling, n=cfg.k)
+    todo = [p for p in problems if p[0] not in done and (p[2] is not None or cfg.reward_model)]
+    skipped = [p for p in problems if p[0] not in done and p[2] is None and not cfg.reward_model]
+    scorer = None
+    bar = ctx.progress(total=len(problems), initial=len(problems) - len(todo) - len(skipped))
+    with RecordWriter(demo_path, "demonstration") as dw, RecordWriter(pref_path, "preference") as pw, \
+            RecordWriter(log_path, "prompt") as lw:
+        for pid, prompt, _ in skipped:
+            lw.write({"id": pid, "prompt": prompt, "source": "rejection_sampling",
+                      "meta": {"problem_id": pid, "mode": "skipped_no_reference"}})
+            bar.update(1)
+        sampler = ctx.sampler(cfg.sampler, cfg.model) if todo else None
+        source = f"rejection_sampling:{getattr(sampler, 'name', '?')}"
+        for start in range(0, len(todo), cfg.chunk_size):
+            chunk = todo[start: start + cfg.chunk_size]
+            outs = sampler.generate([p[1] for p in chunk], params)
+            bon = [(p, o) for p, o in zip(chunk, outs) if p[2] is None]
+            scores: dict[str, list[float]] = {}
+            if bon:
+                if scorer is None:
+                    from reward.scorer import RewardScorer  # lazy: pulls in torch
+
+                    rm = ctx.resolve(cfg.reward_model)
+                    tok = ctx.resolve(cfg.reward_tokenizer)
+                    scorer = RewardScorer(rm, tok) if tok else RewardScorer(rm)
+                flat_p = [p[1] for p, o in bon for _ in o]
+                flat_r = [c.text for _, o in bon for c in o]
+                flat = [float(s) for s in scorer.score(flat_p, flat_r)]
+                i = 0
+                for p, o in bon:
+                    scores[p[0]] = flat[i: i + len(o)]
+                    i += len(o)
+            for (pid, prompt, ref), comps in zip(chunk, outs):
+                if ref is None:
+                    stats = _best_of_n(pid, prompt, comps, scores[pid], cfg, dw, pw, source)
+                else:
+                    stats = _with_reference(pid, prompt, ref, comps, cfg, dw, pw, source)
+                lw.write({"id": pid, "prompt": prompt, "source": source, "meta": stats})  # commit
+                bar.update(1)
+    bar.close()
+    return _report(ctx, log_path, demo_path, pref_path)
+
+
+def _with_reference(pid: str, prompt: list[dict], ref: str, comps: list, cfg: RejectionSamplingConfig,
+                    dw: RecordWriter, pw: RecordWriter, source: str) -> dict:
+    texts = [c.text for c in comps]
+    j = judge_paths(texts, [c.finish_reason for c in comps], ref, cfg)
+    n_correct = sum(j["correct"])
+    for rank, i in enumerate(j["kept"]):
+        dw.write(demonstration(prompt + [{"role": "assistant", "content": texts[i]}], source=source,
+                               id=record_id("rs-demo", pid, texts[i]),
+                               meta={"problem_id": pid, "reference": ref, "answer": j["answers"][i],
+                                     "path_index": i, "diversity_rank": rank, "correct": n_correct,
+                                     "samples": len(texts)}))
+    for a, b in j["pairs"]:
+        pw.write(preference(prompt, texts[a], texts[b], source=source, id=record_id("rs-pref", pid, texts[a], texts[b]),
+                            meta={"problem_id": pid, "reference": ref, "chosen_answer": j["answers"][a],
+                                  "rejected_answer": j["answers"][b], "pair": "correct_vs_incorrect"}))
+    return {"problem_id": pid, "mode": "reference", "reference": ref, "samples": len(texts), "correct": n_correct,
+            "no_answer": sum(a is None for a in j["answers"]), "kept": len(j["kept"]), "pairs": len(j["pairs"]),
+            "pass@1": mv.pass_at_k(len(texts), n_correct, 1),
+            "pass@k": mv.pass_at_k(len(texts), n_correct, len(texts))}
+
+
+def _best_of_n(pid: str, prompt: list[dict], comps: list, scores: list[float], cfg: RejectionSamplingConfig,
+               dw: RecordWriter, pw: RecordWriter, source: str) -> dict:
+    # only responses the model finished itself compete; ties go to the earliest sample
+    idx = [i for i, c in enumerate(comps) if c.text.strip() and (c.terminated or not cfg.require_terminated)]
+    stats = {"problem_id": pid, "mode": "best_of_n", "samples": len(comps), "kept": 0, "pairs": 0,
+             "scores": [round(s, 4) for s in scores]}
+    if not idx:
+        return stats
+    best = max(idx, key=lambda i: (scores[i], -i))
+    worst = min(idx, key=lambda i: (scores[i], i))
+    dw.write(demonstration(prompt + [{"role": "assistant", "content": comps[best].text}], source=source,
+                           id=record_id("rs-bon", pid, comps[best].text),
+                           meta={"problem_id": pid, "reward": scores[best], "path_index": best}))
+    stats["kept"] = 1
+    margin = scores[best] - scores[worst]
+    if best != worst and comps[best].text != comps[worst].text and margin >= cfg.min_reward_margin and margin > 0:
+        pw.write(preference(prompt, comps[best].text, comps[worst].text, source=source, margin=margin,
+                            id=record_id("rs-bon-pref", pid, comps[best].text, comps[worst].text),
+                            meta={"problem_id": pid, "pair": "best_vs_worst_reward",
+                                  "chosen_reward": scores[best], "rejected_reward": scores[worst]}))
+        stats["pairs"] = 1
+    return stats
+
+
+def _report(ctx, log_path: Path, demo_path: Path, pref_path: Path) -> dict:
+    rows = [r["meta"] for r in iter_records(log_path, "prompt")]
+    ref_rows = [r for r in rows if r.get("mode") == "reference"]
+    n_demo = sum(1 for _ in iter_records(demo_path, "demonstration")) if demo_path.exists() else 0
+    n_pref = sum(1 for _ in iter_records(pref_path, "preference")) if pref_path.exists() else 0
+    mean = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
+    summary = {
+        "problems": len(rows),
+        "with_reference": len(ref_rows),
+        "best_of_n": sum(r.get("mode") == "best_of_n" for r in rows),
+        "skipped_no_reference": sum(r.get("mode") == "skipped_no_reference" for r in rows),
+        "pass@1": mean([r["pass@1"] for r in ref_rows]),
+        "pass@k": mean([r["pass@k"] for r in ref_rows]),
+        "no_answer_rate": mean([r["no_answer"] / max(1, r["samples"]) for r in ref_rows]),
+        "demonstrations": n_demo,
+        "preferences": n_pref,
+    }
+    ctx.write_json("report.json", {**summary, "per_problem": rows})
+    return summary
