@@ -1,7 +1,7 @@
 """The ``posttrain`` command line.
 
 Commands:
-  posttrain run RECIPE.yaml [KEY.PATH=VALUE ...] [--only NAME ...] [--force]
+  posttrain run RECIPE.yaml [KEY.PATH=VALUE ...] [--only NAME,NAME] [--force]
   posttrain validate RECIPE.yaml [KEY.PATH=VALUE ...]
   posttrain keys [KIND]              document the recipe keys of every stage kind
   posttrain make-tiny-model OUT_DIR  build the tiny local Qwen2 model + tokenizer
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a recipe (finished stages are skipped)")
     r.add_argument("recipe")
     r.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE")
-    r.add_argument("--only", nargs="+", metavar="NAME", help="run only these stages")
+    r.add_argument("--only", type=lambda v: [x for x in v.split(",") if x], metavar="NAME[,NAME...]",
+                   help="run only these stages (comma-separated)")
     r.add_argument("--force", action="store_true", help="re-run stages even if complete")
     r.set_defaults(fn=_cmd_run)
 
@@ -118,7 +119,19 @@ def _extra_commands() -> list:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     p = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # KEY.PATH=VALUE overrides may stand anywhere after the recipe (also after --only/--force);
+    # argparse cannot mix a trailing positional list with options, so they are pulled out first.
+    cmd = next((x for x in argv if not x.startswith("-")), None)
+    overrides: list[str] = []
+    if cmd in ("run", "validate"):
+        at = argv.index(cmd)
+        rest = argv[at + 1:]
+        overrides = [x for x in rest[1:] if "=" in x and not x.startswith("-")]
+        argv = argv[: at + 1] + [x for i, x in enumerate(rest) if i == 0 or x not in overrides]
     a = p.parse_args(argv)
+    if cmd in ("run", "validate"):
+        a.overrides = overrides
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -152,3 +152,22 @@ RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.y
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_shipped_recipe_validates(path):
     Recipe.load(ROOT / path)
+
+
+def test_cli_overrides_may_follow_options(tmp_path, data, capsys):
+    from posttrain.cli import main
+
+    p = write(tmp_path, good(tmp_path, data))
+    assert main(["validate", str(p), "seed=5"]) == 0
+    assert main(["validate", str(p), "stages.generate.limit=x"]) == 2
+    assert "stages[1].limit: expected an integer" in capsys.readouterr().err
+    sampler_calls = []
+    import posttrain.recipe as rmod
+
+    orig = rmod.Recipe.run
+    rmod.Recipe.run = lambda self, only=None, force=False, sampler=None: sampler_calls.append((only, self.file.seed)) or {}
+    try:
+        assert main(["run", str(p), "--only", "tiny,generate", "seed=9"]) == 0
+    finally:
+        rmod.Recipe.run = orig
+    assert sampler_calls == [(["tiny", "generate"], 9)]
