@@ -123,6 +123,29 @@ class HFSampler:
             results.append(row)
         return results
 
+    def update_weights(self, named_tensors) -> None:
+        """Copy ``(name, tensor)`` pairs (state-dict names) into the model; a tensor that already is the
+        model's own storage (a sampler sharing the policy) is left alone."""
+        import torch
+
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in named_tensors:
+                if name not in state:
+                    raise KeyError(f"hf sampler: the model has no weight named {name!r}")
+                dst = state[name]
+                if dst.data_ptr() != t.data_ptr():
+                    dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Log-probability of each token ``token_ids[i]`` (i >= 1) given the tokens before it."""
+        import torch
+
+        ids = torch.tensor([token_ids], device=self.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+
     def close(self) -> None:
         """Drop the model reference."""
         self.model = None

