@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from posttrain.records import repair_jsonl
 from posttrain.sampling.base import Messages, Sampler, SamplingParams
 
 
@@ -32,13 +33,7 @@ class StepCache:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def _load(self) -> None:
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            # A kill mid-write leaves a line without its newline: drop it, its item is redone.
-            cut = raw.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            raw = raw[:cut]
+        raw = repair_jsonl(self.path)  # a torn last line's item is simply redone
         for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue

@@ -216,6 +216,18 @@ def _jsonable_meta(rows: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- writing
 
+def repair_jsonl(path: str | os.PathLike) -> bytes:
+    """Cut a torn last line (no trailing newline: a kill mid-write) off a JSONL file; return the rest."""
+    p = Path(path)
+    data = p.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(p, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    return data
+
+
 class RecordWriter:
     """Append-safe, id-idempotent JSONL writer for a stage's output.
 
@@ -236,13 +248,7 @@ class RecordWriter:
         self.written = 0
 
     def _repair_and_load(self) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
+        data = repair_jsonl(self.path)
         for n, raw in enumerate(data.split(b"\n"), 1):
             if raw.strip():
                 try:
