@@ -7,7 +7,7 @@ Input: the run's output folder — every stage folder's ``loss_log.jsonl``
 ``report.md`` copied to the run's output folder):
 
 * ``report.md``          results table, findings stated from the numbers, samples
-* ``loss.png``           training loss per stage
+* ``loss.png``           training loss per stage (online DPO: mean DPO loss per episode)
 * ``reward.png``         reward per online-DPO episode
 * ``accuracy.png``       accuracy / reward / KL per checkpoint
 
@@ -72,11 +72,15 @@ def collect(run_dir: Path) -> dict[str, Any]:
         eps = [r for r in _jsonl(d / "metrics.jsonl") if "reward_mean" in r]
         if eps:
             info["episodes"] = eps
+            if "loss" not in info and all("loss" in e for e in eps):  # online DPO: one DPO loss per episode
+                info["loss"] = [{"step": e.get("episode", i), "loss": e["loss"]} for i, e in enumerate(eps)]
         for f in sorted(d.glob("eval*.json")):
             try:
                 data = json.loads(f.read_text())
             except json.JSONDecodeError:
                 continue
+            if isinstance(data, dict) and isinstance(data.get("heldout"), dict):
+                data = data["heldout"]  # the reward stage nests its held-out numbers
             if isinstance(data, dict) and "accuracy" in data:
                 info["heldout"] = data
         stages[name] = info
@@ -106,7 +110,12 @@ def _plots(stages: dict[str, dict], rows: list[dict], out: Path) -> list[str]:
     if eps:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for n, rs in eps.items():
-            ax.plot([r.get("episode", i) for i, r in enumerate(rs)], [r["reward_mean"] for r in rs], marker="o", label=n)
+            xs, ys = [r.get("episode", i) for i, r in enumerate(rs)], [r["reward_mean"] for r in rs]
+            line, = ax.plot(xs, ys, marker="o", alpha=0.6, label=n)
+            if len(ys) >= 2:
+                k = trend(ys)
+                c = sum(ys) / len(ys) - k * (len(ys) - 1) / 2
+                ax.plot(xs, [c + k * i for i in range(len(ys))], "--", color=line.get_color(), label=f"{n} trend")
         ax.set_xlabel("episode")
         ax.set_ylabel("mean reward of sampled responses")
         ax.legend()
@@ -121,12 +130,22 @@ def _plots(stages: dict[str, dict], rows: list[dict], out: Path) -> list[str]:
         for ax, m in zip(axes[0], metrics):
             ax.bar([r["checkpoint"] for r in rows], [r.get(m, 0.0) or 0.0 for r in rows])
             ax.set_title(m)
+            if m == "kl_to_ref":
+                ax.set_yscale("symlog", linthresh=1.0)  # the untrained model's KL dwarfs the others
             ax.tick_params(axis="x", rotation=45)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=100)
         plt.close(fig)
         made.append("accuracy.png")
     return made
+
+
+def trend(ys: list[float]) -> float:
+    """Least-squares slope of ``ys`` against 0..n-1."""
+    n = len(ys)
+    mx, my = (n - 1) / 2, sum(ys) / n
+    den = sum((i - mx) ** 2 for i in range(n))
+    return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / den if den else 0.0
 
 
 def findings(rows: list[dict], stages: dict[str, dict], cfg: ReportConfig) -> list[str]:
@@ -141,12 +160,16 @@ def findings(rows: list[dict], stages: dict[str, dict], cfg: ReportConfig) -> li
         if "heldout" in s:
             h = s["heldout"]
             out.append(f"Reward model `{n}`: held-out preference accuracy {h['accuracy']:.3f}"
+                       + (f" on {h['n']} pairs" if "n" in h else "")
                        + (f", mean margin {h['mean_margin']:.3f}" if "mean_margin" in h else "") + ".")
         if "episodes" in s and len(s["episodes"]) >= 2:
-            first, last = s["episodes"][0]["reward_mean"], s["episodes"][-1]["reward_mean"]
-            verb = "raised" if last > first else "did NOT raise"
-            out.append(f"Online DPO `{n}` {verb} the mean reward of its samples: {first:.3f} (episode 1) -> "
-                       f"{last:.3f} (episode {len(s['episodes'])}).")
+            ys = [e["reward_mean"] for e in s["episodes"]]
+            half = len(ys) // 2
+            a, b = sum(ys[:half]) / half, sum(ys[half:]) / (len(ys) - half)
+            verb = "raised" if b > a else "did NOT raise"
+            out.append(f"Online DPO `{n}` {verb} the mean reward of its samples: {a:.3f} (first {half} episodes) -> "
+                       f"{b:.3f} (last {len(ys) - half}); per-episode slope {trend(ys):+.4f} "
+                       "(each episode samples different prompts, so single episodes are noisy).")
     if cfg.sft in by:
         ref = by[cfg.sft]
         for c in cfg.compare:
