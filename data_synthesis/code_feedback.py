@@ -188,6 +188,28 @@ def @NAME@(__test):
 '''
 
 
+def test_job(code: str, tests: list[str], test_timeout_s: float) -> tuple[str, str, list[str]]:
+    """A ``call_function`` job running each test against ``code`` (adapter name randomised per job)."""
+    name = f"_cf_run_{secrets.token_hex(8)}"
+    adapter = _ADAPTER.replace("@T@", repr(float(test_timeout_s))).replace("@NAME@", name)
+    return code + adapter, name, tests
+
+
+def code_pass_rate(response: str, tests: list[str], *, test_timeout_s: float = 5.0) -> float:
+    """Fraction of ``tests`` (assert statements) that the code in ``response`` passes, run in the sandbox.
+
+    Used by evaluation; a response without a code block, or whose process dies, scores 0.
+    """
+    code = extract_code(response)
+    if code is None or not tests:
+        return 0.0
+    from data_synthesis.sandbox import SandboxLimits, call_function
+
+    limits = SandboxLimits(timeout_s=test_timeout_s * len(tests) + 5)
+    _, outcomes = call_function(*test_job(code, tests, test_timeout_s), limits=limits)
+    return sum(v is True for v in outcomes) / len(tests)
+
+
 # ---------------------------------------------------------------- the stage
 
 def run(cfg: CodeFeedbackConfig, ctx) -> dict:
@@ -245,9 +267,7 @@ def run(cfg: CodeFeedbackConfig, ctx) -> dict:
                     codes.append(cs)
                     for j, code in enumerate(cs):
                         if code is not None and tests:
-                            name = f"_cf_run_{secrets.token_hex(8)}"
-                            adapter = _ADAPTER.replace("@T@", repr(float(cfg.test_timeout_s))).replace("@NAME@", name)
-                            jobs.append((code + adapter, name, tests))
+                            jobs.append(test_job(code, tests, cfg.test_timeout_s))
                             owners.append((len(codes) - 1, j))
                 results = pool.call_many(jobs)
                 runs: dict[tuple[int, int], tuple] = dict(zip(owners, results))

@@ -2,11 +2,13 @@
 
 Input: held-out prompt records (``prompt`` messages; ``meta.answer`` for math
 problems, ``meta.verifiers`` — a list of ``evaluate(response) -> bool`` sources
-— for instruction-following items) and a list of checkpoints (model folders or
+— for instruction-following items, ``meta.tests`` — assert statements run in
+the sandbox against the response's code — for programming problems) and a list of checkpoints (model folders or
 ``@stage`` references). Output, in the stage folder (or ``--out``):
 
 * ``eval.jsonl``     one row per checkpoint: accuracy (math answers), format
-                     rate, instruction-following pass rate, reward-model score,
+                     rate, instruction-following pass rate, code-test pass rate
+                     and solved fraction, reward-model score,
                      response length, KL to the reference model, n
 * ``samples.jsonl``  a few greedy responses per checkpoint, for the report
 
@@ -103,12 +105,16 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
 
 
 def evaluate_checkpoint(path: str, records: list[dict], cfg: EvalConfig, reference: str | None,
-                        reward_model: str | None) -> tuple[dict, list[dict]]:
-    """Evaluate one model folder; return its result row and sample responses."""
+                        reward_model: str | None, sampler: Any = None) -> tuple[dict, list[dict]]:
+    """Evaluate one model folder; return its result row and sample responses.
+
+    ``sampler`` replaces the checkpoint's own sampler (tests, or a caller that serves the model itself).
+    """
     import torch
 
     prompts = [to_chat_prompt(r) for r in records]
-    sampler = make_sampler(cfg.sampler, model=path, tokenizer=path)
+    own = sampler is None
+    sampler = make_sampler(cfg.sampler, model=path, tokenizer=path) if own else sampler
     try:
         greedy = [c[0] for c in sampler.generate(prompts, SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))]
         sampled = None
@@ -116,7 +122,8 @@ def evaluate_checkpoint(path: str, records: list[dict], cfg: EvalConfig, referen
             sampled = sampler.generate(prompts, SamplingParams(n=cfg.kl_samples, temperature=1.0,
                                                                max_tokens=cfg.max_tokens, seed=cfg.seed))
     finally:
-        sampler.close()
+        if own:
+            sampler.close()
     texts = [c.text for c in greedy]
     row: dict[str, Any] = {"path": path, "n": len(records),
                            "length_mean": sum(len(c.token_ids) for c in greedy) / max(1, len(greedy)),
@@ -130,6 +137,13 @@ def evaluate_checkpoint(path: str, records: list[dict], cfg: EvalConfig, referen
     if_items = [(t, r["meta"]["verifiers"]) for t, r in zip(texts, records) if r.get("meta", {}).get("verifiers")]
     if if_items:
         row["if_pass_rate"] = sum(if_pass_rate(v, t) for t, v in if_items) / len(if_items)
+    code_items = [(t, r["meta"]["tests"]) for t, r in zip(texts, records) if r.get("meta", {}).get("tests")]
+    if code_items:
+        from data_synthesis.code_feedback import code_pass_rate
+
+        rates = [code_pass_rate(t, tests) for t, tests in code_items]
+        row["code_pass_rate"] = sum(rates) / len(rates)
+        row["code_solved"] = sum(r == 1.0 for r in rates) / len(rates)
     if reward_model:
         from reward.scorer import RewardScorer
 
@@ -155,7 +169,7 @@ def evaluate_checkpoint(path: str, records: list[dict], cfg: EvalConfig, referen
     return row, samples
 
 
-def evaluate(cfg: EvalConfig, out_dir: Path, resolve=lambda x: x) -> list[dict]:
+def evaluate(cfg: EvalConfig, out_dir: Path, resolve=lambda x: x, sampler: Any = None) -> list[dict]:
     """Evaluate every checkpoint (skipping ones already in ``out_dir/eval.jsonl``); return all rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = list(iter_records(resolve(cfg.input), "prompt"))
@@ -179,7 +193,8 @@ def evaluate(cfg: EvalConfig, out_dir: Path, resolve=lambda x: x) -> list[dict]:
     for label, ckpt in tqdm(list(zip(labels, cfg.checkpoints)), desc="eval", dynamic_ncols=True):
         if label in done:
             continue
-        row, samples = evaluate_checkpoint(resolve(ckpt), records, cfg, resolve(cfg.reference), resolve(cfg.reward_model))
+        row, samples = evaluate_checkpoint(resolve(ckpt), records, cfg, resolve(cfg.reference),
+                                           resolve(cfg.reward_model), sampler)
         row = {"checkpoint": label, **row}
         done[label] = row
         with open(smp_path, "a", encoding="utf-8") as f:
@@ -194,13 +209,13 @@ def evaluate(cfg: EvalConfig, out_dir: Path, resolve=lambda x: x) -> list[dict]:
 
 def run(cfg: EvalConfig, ctx) -> dict:
     """Entry point of stage kind ``eval``."""
-    rows = evaluate(cfg, ctx.out_dir, ctx.resolve)
+    rows = evaluate(cfg, ctx.out_dir, ctx.resolve, ctx.shared.get("sampler_override"))
     return {"rows": rows}
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of eval rows."""
-    cols = ["accuracy", "format_rate", "if_pass_rate", "reward_mean", "kl_to_ref", "length_mean", "terminated"]
+    cols = ["accuracy", "format_rate", "if_pass_rate", "code_pass_rate", "code_solved", "reward_mean", "kl_to_ref", "length_mean", "terminated"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
