@@ -51,8 +51,8 @@ def _cmd_keys(a: argparse.Namespace) -> int:
         else:
             raise ConfigError(f"unknown stage kind {kind!r} (expected one of: {', '.join(sorted(STAGES))})")
         print(f"## {kind}" + (f"  ({cls.__doc__.strip().splitlines()[0]})" if cls.__doc__ else ""))
-        for name, tp, default in field_doc(cls):
-            print(f"  {name:28s} {tp:40s} default: {default!r}")
+        for name, tp, default, note in field_doc(cls):
+            print(f"  {name}: {tp}, default {default!r}" + (f"\n      {note}" if note else ""))
         print()
     return 0
 
@@ -118,6 +118,10 @@ def _extra_commands() -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):  # `posttrain keys | head` should end quietly, like other CLIs
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # KEY.PATH=VALUE overrides may stand anywhere after the recipe (also after --only/--force);

@@ -177,9 +177,27 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def field_doc(cls: type) -> list[tuple[str, str, Any]]:
-    """(name, type, default) for each field: used by ``posttrain keys`` to document recipes."""
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in the class source (the key's documentation)."""
+    import inspect
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s{4}(\w+)\s*:[^\n#]*#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def field_doc(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, comment) for each field: used by ``posttrain keys`` to document recipes."""
     hints = typing.get_type_hints(cls)
+    notes = _field_comments(cls)
     out = []
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -188,5 +206,5 @@ def field_doc(cls: type) -> list[tuple[str, str, Any]]:
             d = f.default_factory()
         else:
             d = "<required>"
-        out.append((f.name, type_name(hints[f.name]), to_dict(d)))
+        out.append((f.name, type_name(hints[f.name]), to_dict(d), notes.get(f.name, "")))
     return out
