@@ -39,7 +39,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -52,6 +51,7 @@ from posttrain.recipe import input_field
 from posttrain.records import RecordWriter, iter_records, preference, record_id, to_chat_prompt
 from posttrain.sampling.base import SamplerConfig, SamplingParams
 from posttrain.sft import LoraSection
+from posttrain.weight_sync import SyncError, export_weights, push_weights, set_asleep, verify_sync  # noqa: F401 - re-exported
 
 log = logging.getLogger("posttrain")
 
@@ -101,10 +101,6 @@ class OnlineDPOConfig:
             raise ValueError("merging needs full fine-tuning: LoRA adapters have no base delta (set lora: null or merging: null)")
         if self.reward_model is None and not self.reward_functions:
             raise ValueError("give a reward_model and/or reward_functions")
-
-
-class SyncError(RuntimeError):
-    """The sampler does not hold the policy's weights after a sync."""
 
 
 # ---------------------------------------------------------------- rewards
@@ -200,39 +196,6 @@ def seq_logps(model, seqs: list[tuple[list[int], int]], pad: int, device: str):
     ids, att, resp = _batch(seqs, pad, device)
     logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
     return sequence_logprobs(logits, ids, resp)
-
-
-def export_weights(model) -> list[tuple[str, Any]]:
-    """The policy's weights under the base model's state-dict names (LoRA merged in, adapters dropped)."""
-    if not hasattr(model, "merge_adapter"):
-        return list(model.state_dict().items())
-    model.merge_adapter()
-    try:
-        out = []
-        for name, t in model.state_dict().items():
-            if "lora_" in name or "modules_to_save" in name:
-                continue
-            out.append((name.removeprefix("base_model.model.").replace(".base_layer", ""), t.detach().clone()))
-        return out
-    finally:
-        model.unmerge_adapter()
-
-
-def verify_sync(sampler, model, probe_ids: list[int], tol: float, where: str, device: str) -> float:
-    """Max |sampler - policy| log-prob over the probe; raise SyncError above ``tol``."""
-    import torch
-
-    ids = torch.tensor([probe_ids], device=device)
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    mine = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).cpu()
-    theirs = torch.tensor(sampler.probe_logprobs(probe_ids), dtype=torch.float32)
-    diff = float((mine - theirs).abs().max())
-    if not math.isfinite(diff) or diff > tol:
-        raise SyncError(f"{where}: the {sampler.name} sampler's log-probs of the probe sequence differ from the "
-                        f"policy's by {diff:.3g} (tolerance {tol:g}): its weights are not the policy's "
-                        "(weight sync skipped or failed); stopping")
-    return diff
 
 
 # ---------------------------------------------------------------- the stage
@@ -517,27 +480,6 @@ def run(cfg: OnlineDPOConfig, ctx) -> dict:
     if dist.main:
         ctx.write_json("stats.json", summary)
     return summary
-
-
-def set_asleep(sampler, asleep: bool) -> None:
-    """Sleep / wake a colocated vLLM engine started with ``enable_sleep_mode`` on a GPU (no-op otherwise).
-
-    Level 1 offloads the engine's weights to CPU and drops its KV cache while the policy trains;
-    waking restores them, and the weight push that follows overwrites them with the new policy.
-    """
-    import torch
-
-    llm = getattr(sampler, "llm", None)
-    if llm is None or not getattr(getattr(sampler, "cfg", None), "enable_sleep_mode", False) or not torch.cuda.is_available():
-        return
-    if getattr(sampler, "_posttrain_asleep", False) != asleep:
-        llm.sleep(level=1) if asleep else llm.wake_up()
-        sampler._posttrain_asleep = asleep
-
-
-def push_weights(sampler, policy) -> None:
-    """Send the policy's current weights to the sampler (tests replace this to simulate a skipped sync)."""
-    sampler.update_weights(export_weights(policy))
 
 
 def _episode(ep, cfg, ctx, policy, ref_model, tok, sampler, sources, optimizer, records, prompts, order, pad, device,
