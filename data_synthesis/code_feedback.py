@@ -31,7 +31,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from data_synthesis.rejection_sampling import build_prompt, committed_ids, drop_uncommitted, get_field
+from data_synthesis.rejection_sampling import build_prompt, get_field, open_outputs
 from posttrain.recipe import input_field
 from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id
 from posttrain.sampling.base import SamplerConfig, SamplingParams
@@ -226,13 +226,7 @@ def run(cfg: CodeFeedbackConfig, ctx) -> dict:
                          "text": rec["prompt"][-1]["content"], "entry_point": ep, "given": tests})
     if cfg.limit is not None:
         problems = problems[: cfg.limit]
-    out = ctx.out_dir
-    log_path = out / "problems.jsonl"
-    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
-    done = committed_ids(log_path)
-    dropped = drop_uncommitted([demo_path, pref_path], done)
-    if dropped:
-        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
+    log_path, demo_path, pref_path, done = open_outputs(ctx.out_dir)
     todo = [p for p in problems if p["id"] not in done]
     sol_params = replace(cfg.sampling, n=cfg.n_solutions)
     test_params = replace(cfg.test_sampling or cfg.sampling, n=cfg.n_test_samples)

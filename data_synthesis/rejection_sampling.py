@@ -119,6 +119,20 @@ def drop_uncommitted(paths: list[Path], committed: set[str]) -> int:
     return dropped
 
 
+def open_outputs(out: Path) -> tuple[Path, Path, Path, set[str]]:
+    """A per-problem stage's output paths (log, demonstrations, preferences) and its committed problem ids.
+
+    Records of problems that were interrupted half-way (not in the log) are dropped, so they are redone whole.
+    """
+    log_path = out / "problems.jsonl"
+    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
+    done = committed_ids(log_path)
+    dropped = drop_uncommitted([demo_path, pref_path], done)
+    if dropped:
+        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
+    return log_path, demo_path, pref_path, done
+
+
 def committed_ids(log_path: Path) -> set[str]:
     """Ids of problems whose commit line is in ``problems.jsonl`` (a torn last line does not count)."""
     if not log_path.exists():
@@ -190,13 +204,7 @@ def run(cfg: RejectionSamplingConfig, ctx) -> dict:
         if n_noref:
             log.warning("%s: %d problems have no reference at %r and no reward_model is set: skipped",
                         src, n_noref, cfg.answer_field)
-    out = ctx.out_dir
-    log_path = out / "problems.jsonl"
-    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
-    done = committed_ids(log_path)
-    dropped = drop_uncommitted([demo_path, pref_path], done)
-    if dropped:
-        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
+    log_path, demo_path, pref_path, done = open_outputs(ctx.out_dir)
     params = replace(cfg.sampling, n=cfg.k)
     todo = [p for p in problems if p[0] not in done and (p[2] is not None or cfg.reward_model)]
     skipped = [p for p in problems if p[0] not in done and p[2] is None and not cfg.reward_model]

@@ -467,8 +467,11 @@ def last_checkpoint(out_dir: Path) -> str | None:
 
 
 def save_final(trainer: Any, out_dir: Path, tokenizer: Any, lora: LoraSection | None, base_path: str,
-               dtype: str) -> str:
-    """Save the trained model into ``out_dir`` (merging a LoRA adapter when asked); return what was saved."""
+               dtype: str, load_base: Any = None) -> str:
+    """Save the trained model into ``out_dir`` (merging a LoRA adapter when asked); return what was saved.
+
+    ``load_base()`` builds the fresh model the adapter is merged into (default: the causal LM at ``base_path``).
+    """
     if lora is None:
         trainer.save_model(str(out_dir))
         if is_main_process():
@@ -482,7 +485,7 @@ def save_final(trainer: Any, out_dir: Path, tokenizer: Any, lora: LoraSection | 
             from peft import PeftModel
 
             # Merge on a fresh CPU copy: the training copy may be sharded (ZeRO-3) or in bf16 autocast.
-            base = load_causal_lm(base_path, dtype, "sdpa")
+            base = load_base() if load_base else load_causal_lm(base_path, dtype, "sdpa")
             merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             merged.save_pretrained(str(out_dir))
     return "lora-merged" if lora.merge else "lora-adapter"

@@ -295,25 +295,11 @@ def build_reward_trainer(cfg: RewardStageConfig, model_path: str, tokenizer: Any
 def save_reward_model(trainer: Any, out_dir: Path, tokenizer: Any, lora: LoraSection | None, base_path: str,
                       dtype: str, pad_token_id: int | None, seed: int) -> str:
     """Save the trained reward model into ``out_dir`` (merging a LoRA adapter when asked)."""
-    from posttrain.sft import is_main_process
+    from posttrain.sft import save_final
 
-    if lora is None:
-        trainer.save_model(str(out_dir))
-        if is_main_process():
-            tokenizer.save_pretrained(str(out_dir))
-        return "full"
-    adapter = out_dir / "adapter" if lora.merge else out_dir
-    trainer.save_model(str(adapter))  # gathers ZeRO-3 shards before writing
-    if is_main_process():
-        tokenizer.save_pretrained(str(out_dir))
-        if lora.merge:
-            from peft import PeftModel
-
-            # Merge on a fresh float copy; the adapter carries the trained score head (modules_to_save).
-            base = load_reward_model(base_path, "float32" if dtype == "auto" else dtype, "sdpa", pad_token_id, seed)
-            merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-            merged.save_pretrained(str(out_dir))
-    return "lora-merged" if lora.merge else "lora-adapter"
+    # Merge on a fresh float copy; the adapter carries the trained score head (modules_to_save).
+    return save_final(trainer, out_dir, tokenizer, lora, base_path, dtype, load_base=lambda: load_reward_model(
+        base_path, "float32" if dtype == "auto" else dtype, "sdpa", pad_token_id, seed))
 
 
 # ---------------------------------------------------------------- entry
