@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, urlparse
 
-from posttrain.recipe import input_field
-from posttrain.records import RecordError, iter_records, preference, demonstration, record_id, write_records
+from posttrain.core.config import key
+from posttrain.core.records import RecordError, iter_records, preference, demonstration, record_id, write_records
 
 log = logging.getLogger("posttrain.annotate")
 
@@ -76,8 +76,8 @@ CREATE INDEX IF NOT EXISTS submissions_task ON submissions(task_id, annotator);
 class AnnotationExportConfig:
     """Keys of stage ``annotation_export`` (annotations database -> demonstrations and preferences)."""
 
-    db: str = input_field()  # the SQLite database written by `posttrain annotate serve`
-    pairs: Literal["all", "best_worst"] = "all"  # preference pairs: every ranked pair, or best vs worst
+    db: str = key(doc="the SQLite database written by `posttrain annotate serve`", input=True)
+    pairs: Literal["all", "best_worst"] = key("all", "preference pairs: every ranked pair, or best vs worst")
 
 
 # ---------------------------------------------------------------- tasks and database

@@ -7,7 +7,7 @@ named in ``entry_point_field``).
 
 Per problem the model writes ``n_solutions`` solutions and (when no tests are given,
 or ``generate_tests`` is on) test cases as ``assert`` lines. Every solution runs
-against every candidate test in the sandbox (``data_synthesis.sandbox``; a pool of
+against every candidate test in the sandbox (``reward.sandbox``; a pool of
 processes, per-test time limit). Model-written tests are cross-checked against the
 solutions: a test that no solution passes is discarded, and so is a test that
 contradicts the consensus: solutions are grouped by which tests they pass, the group
@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from data_synthesis.rejection_sampling import build_prompt, get_field, open_outputs
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import build_prompt, get_field, open_outputs
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
+from reward.code_tests import (extract_code, extract_tests, load_failed, normalize_tests, select_tests,
+                               test_job)
 
 log = logging.getLogger("posttrain.code_feedback")
 
@@ -49,32 +50,32 @@ TEST_PROMPT = ("Write {n} test cases for the Python function `{entry_point}` des
 class CodeFeedbackConfig:
     """Keys of stage ``code_feedback``."""
 
-    input: str = input_field()  # programming problems (prompt records)
-    tests_field: str = "meta.tests"  # dotted path of given tests (assert lines or {input, output} objects)
-    entry_point_field: str = "meta.entry_point"  # dotted path of the function name the tests call
-    n_solutions: int = 8  # solutions sampled per problem
-    generate_tests: bool = False  # also let the model write tests when the problem has some
-    n_test_samples: int = 2  # test-writing completions per problem (when tests are generated)
-    tests_per_sample: int = 5  # the number of tests the test prompt asks for
-    max_tests: int = 20  # at most this many distinct candidate tests per problem
-    min_tests: int = 1  # problems with fewer kept tests give no records
-    cross_check_given: bool = False  # also filter given tests by the solutions' consensus
+    input: str = key(doc="programming problems (prompt records)", input=True)
+    tests_field: str = key("meta.tests", "dotted path of given tests (assert lines or {input, output} objects)")
+    entry_point_field: str = key("meta.entry_point", "dotted path of the function name the tests call")
+    n_solutions: int = key(8, "solutions sampled per problem")
+    generate_tests: bool = key(False, "also let the model write tests when the problem has some")
+    n_test_samples: int = key(2, "test-writing completions per problem (when tests are generated)")
+    tests_per_sample: int = key(5, "the number of tests the test prompt asks for")
+    max_tests: int = key(20, "at most this many distinct candidate tests per problem")
+    min_tests: int = key(1, "problems with fewer kept tests give no records")
+    cross_check_given: bool = key(False, "also filter given tests by the solutions' consensus")
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512))
-    test_sampling: SamplingParams | None = None  # sampling for test writing (default: ``sampling``)
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
-    system_prompt: str | None = None  # optional system turn for the solution prompt
-    solution_instruction: str = SOLUTION_INSTRUCTION  # appended to the problem; {entry_point} is filled in
-    test_prompt: str = TEST_PROMPT  # the test-writing prompt; {n}, {entry_point}, {problem} are filled in
-    timeout_s: float = 10.0  # sandbox wall-clock limit for one solution with all its tests
-    test_timeout_s: float = 2.0  # limit for a single test (an alarm inside the sandbox)
-    memory_mb: int = 512  # sandbox address-space limit
-    workers: int | None = None  # parallel sandbox processes (default: CPU count)
-    allow_network: bool = False  # run code even where the sandbox cannot isolate it (no namespaces): unsafe
-    max_per_problem: int = 4  # passing solutions kept as demonstrations per problem
-    max_pairs_per_problem: int = 4  # passing-vs-failing preference pairs per problem
-    chunk_size: int = 64  # problems per sampler call; the resume granularity
-    limit: int | None = None  # use only the first N problems
+    test_sampling: SamplingParams | None = key(None, "sampling for test writing (default: ``sampling``)")
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
+    system_prompt: str | None = key(None, "optional system turn for the solution prompt")
+    solution_instruction: str = key(SOLUTION_INSTRUCTION, "appended to the problem; {entry_point} is filled in")
+    test_prompt: str = key(TEST_PROMPT, "the test-writing prompt; {n}, {entry_point}, {problem} are filled in")
+    timeout_s: float = key(10.0, "sandbox wall-clock limit for one solution with all its tests")
+    test_timeout_s: float = key(2.0, "limit for a single test (an alarm inside the sandbox)")
+    memory_mb: int = key(512, "sandbox address-space limit")
+    workers: int | None = key(None, "parallel sandbox processes (default: CPU count)")
+    allow_network: bool = key(False, "run code even where the sandbox cannot isolate it (no namespaces): unsafe")
+    max_per_problem: int = key(4, "passing solutions kept as demonstrations per problem")
+    max_pairs_per_problem: int = key(4, "passing-vs-failing preference pairs per problem")
+    chunk_size: int = key(64, "problems per sampler call; the resume granularity")
+    limit: int | None = key(None, "use only the first N problems")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -86,55 +87,6 @@ class CodeFeedbackConfig:
 
 # ---------------------------------------------------------------- parsing (pure)
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-
-
-def extract_code(text: str) -> str | None:
-    """The last ```python (or unlabeled) fenced block; the whole text if it plainly is code; else None."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text or "")]
-    py = [b for lang, b in blocks if lang in ("python", "py", "python3", "")]
-    if py:
-        return py[-1].strip("\n") + "\n"
-    if re.search(r"^\s*(def|class|import|from)\s", text or "", re.MULTILINE):
-        return text.strip("\n") + "\n"
-    return None
-
-
-def extract_tests(text: str) -> list[str]:
-    """One-line ``assert`` statements in a completion (inside code blocks or not), in order, distinct."""
-    seen, out = set(), []
-    for line in (text or "").splitlines():
-        s = line.strip()
-        if s.startswith("assert ") and s not in seen:
-            try:
-                compile(s, "<test>", "exec")
-            except SyntaxError:
-                continue
-            seen.add(s)
-            out.append(s)
-    return out
-
-
-def normalize_tests(raw: object, entry_point: str | None, where: str) -> list[str]:
-    """Given tests as assert lines; ``{"input": args, "output": value}`` objects need ``entry_point``."""
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise ValueError(f"{where}: tests must be a list, got {type(raw).__name__}")
-    out = []
-    for i, t in enumerate(raw):
-        if isinstance(t, str):
-            out.append(t.strip())
-        elif isinstance(t, dict) and "input" in t and "output" in t:
-            if not entry_point:
-                raise ValueError(f"{where}: tests[{i}] is an input/output pair but the record has no entry point")
-            args = t["input"] if isinstance(t["input"], list) else [t["input"]]
-            out.append(f"assert {entry_point}(*{args!r}) == {t['output']!r}")
-        else:
-            raise ValueError(f"{where}: tests[{i}] must be an assert string or {{input, output}}")
-    return out
-
-
 def normalize_code(code: str) -> str:
     """Code without comments, docstring-free blank lines and spacing: for deduping solutions."""
     lines = []
@@ -145,76 +97,11 @@ def normalize_code(code: str) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- test selection (pure)
-
-def select_tests(matrix: list[list[bool]], trusted: list[bool]) -> tuple[list[int], dict[str, list[int]]]:
-    """Cross-check tests against solutions.
-
-    ``matrix[s][t]``: solution s passes test t (only solutions that loaded). Returns the kept
-    test indices and the discarded ones by reason (``no_solution_passes``, ``against_consensus``).
-    """
-    n_tests = len(trusted)
-    if not matrix:
-        return [t for t in range(n_tests) if trusted[t]], {"no_solution_passes": [], "against_consensus": []}
-    none_pass = [t for t in range(n_tests) if not trusted[t] and not any(row[t] for row in matrix)]
-    alive = [t for t in range(n_tests) if t not in none_pass]
-    groups: dict[tuple[bool, ...], int] = {}
-    for row in matrix:
-        key = tuple(row[t] for t in alive)
-        groups[key] = groups.get(key, 0) + 1
-    # consensus: the largest agreement (solutions in the group x tests they pass); ties -> more tests
-    best = max(groups, key=lambda k: (groups[k] * sum(k), sum(k), groups[k]))
-    kept = [t for t, ok in zip(alive, best) if ok or trusted[t]]
-    against = [t for t in alive if t not in kept]
-    return kept, {"no_solution_passes": none_pass, "against_consensus": against}
-
-
-# The adapter appended to every solution: runs one test with a per-test alarm. Its name gets a
-# random suffix per run, so a solution cannot pre-define it to fake passing tests.
-_ADAPTER = '''
-
-def @NAME@(__test):
-    import signal as __signal
-
-    def __alarm(*_):
-        raise TimeoutError("test took longer than @T@ s")
-    __signal.signal(__signal.SIGALRM, __alarm)
-    __signal.setitimer(__signal.ITIMER_REAL, @T@)
-    try:
-        exec(__test, globals())
-    finally:
-        __signal.setitimer(__signal.ITIMER_REAL, 0)
-    return True
-'''
-
-
-def test_job(code: str, tests: list[str], test_timeout_s: float) -> tuple[str, str, list[str]]:
-    """A ``call_function`` job running each test against ``code`` (adapter name randomised per job)."""
-    name = f"_cf_run_{secrets.token_hex(8)}"
-    adapter = _ADAPTER.replace("@T@", repr(float(test_timeout_s))).replace("@NAME@", name)
-    return code + adapter, name, tests
-
-
-def code_pass_rate(response: str, tests: list[str], *, test_timeout_s: float = 5.0) -> float:
-    """Fraction of ``tests`` (assert statements) that the code in ``response`` passes, run in the sandbox.
-
-    Used by evaluation; a response without a code block, or whose process dies, scores 0.
-    """
-    code = extract_code(response)
-    if code is None or not tests:
-        return 0.0
-    from data_synthesis.sandbox import SandboxLimits, call_function
-
-    limits = SandboxLimits(timeout_s=test_timeout_s * len(tests) + 5)
-    _, outcomes = call_function(*test_job(code, tests, test_timeout_s), limits=limits)
-    return sum(v is True for v in outcomes) / len(tests)
-
-
 # ---------------------------------------------------------------- the stage
 
 def run(cfg: CodeFeedbackConfig, ctx) -> dict:
     """Entry point of stage kind ``code_feedback``."""
-    from data_synthesis.sandbox import SandboxLimits, SandboxPool
+    from reward.sandbox import SandboxLimits, SandboxPool
 
     src = ctx.resolve(cfg.input)
     problems = []
@@ -284,7 +171,7 @@ def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tup
     # pass matrix over solutions that ran (a crash of the whole process fails every test)
     ran = sorted(runs)
     matrix = [[v is True for v in runs[j][1]] for j in ran]
-    loaded = [r for j, r in zip(ran, matrix) if not _load_failed(runs[j][1])]
+    loaded = [r for j, r in zip(ran, matrix) if not load_failed(runs[j][1])]
     kept, discarded = select_tests(loaded, trusted)
     passed = {j: sum(matrix[ran.index(j)][t] for t in kept) if j in runs else 0 for j in range(len(texts))}
     ok = [j for j in range(len(texts)) if j in runs and len(kept) >= cfg.min_tests and passed[j] == len(kept)]
@@ -327,12 +214,6 @@ def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tup
             "passing": len(ok), "kept": len(keep), "pairs": len(pairs),
             "pass_counts": [passed[j] for j in range(len(texts))], "status": [status[j] for j in range(len(texts))],
             "kept_tests": [tests[t] for t in kept]}
-
-
-def _load_failed(values: list) -> bool:
-    """True when every test errored the same way before running (the solution did not load or run)."""
-    errs = [v.get("error") for v in values if isinstance(v, dict)]
-    return len(errs) == len(values) and len(set(errs)) == 1 and not str(errs[0]).startswith("AssertionError")
 
 
 def _report(ctx, log_path: Path, demo_path: Path, pref_path: Path) -> dict:

@@ -32,28 +32,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_synthesis.synth_steps import extract_json, sample_step
-from posttrain.config import load_yaml
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import extract_json, sample_step
+from posttrain.core.config import load_yaml
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
 @dataclass
 class ConstitutionalConfig:
     """Keys of stage ``constitutional``."""
 
-    constitution: str = input_field()  # YAML: name, follow: [{id, text}], avoid: [{id, text}]
-    prompts: str = input_field()  # prompt records (JSONL/Parquet/datasets; 'prompt' or 'messages')
-    mode: Literal["contrast", "revise"] = "contrast"  # follower+violator per prompt, or critique-and-revise
-    violate: list[str] | None = None  # principle ids a violator may target (default: all)
+    constitution: str = key(doc="YAML: name, follow: [{id, text}], avoid: [{id, text}]", input=True)
+    prompts: str = key(doc="prompt records (JSONL/Parquet/datasets; 'prompt' or 'messages')", input=True)
+    mode: Literal["contrast", "revise"] = key("contrast", "follower+violator per prompt, or critique-and-revise")
+    violate: list[str] | None = key(None, "principle ids a violator may target (default: all)")
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=256, seed=0))
     judge_sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=128, seed=0))
-    judge_votes: int = 1  # check samples per response; a principle counts as broken on a strict majority
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
-    require_stop: bool = True  # drop responses cut by max_tokens
-    limit: int | None = None  # use only the first N prompts
+    judge_votes: int = key(1, "check samples per response; a principle counts as broken on a strict majority")
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
+    require_stop: bool = key(True, "drop responses cut by max_tokens")
+    limit: int | None = key(None, "use only the first N prompts")
 
     def check(self) -> None:
         """Cross-field checks."""

@@ -38,10 +38,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from data_synthesis.instag import instruction_text, load_instructions
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, iter_records, record_id
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import instruction_text, load_instructions
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, iter_records, record_id
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 OPERATIONS: dict[str, str] = {
     "add_constraints": "Add one or two new constraints or requirements to it, for example on length, format, "
@@ -80,19 +80,19 @@ _LABEL = re.compile(r"^\s*(#*\s*)?(rewritten|new|revised|evolved|modified)?\s*(p
 class EvolveConfig:
     """Keys of stage ``evolve`` (instruction self-evolution)."""
 
-    input: str = input_field()  # instruction records (e.g. @select)
-    rounds: int = 3  # evolution rounds; round r makes difficulty level r
-    operations: list[str] = field(default_factory=lambda: list(OPERATIONS))  # drawn per instruction and round
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
+    input: str = key(doc="instruction records (e.g. @select)", input=True)
+    rounds: int = key(3, "evolution rounds; round r makes difficulty level r")
+    operations: list[str] = key(factory=lambda: list(OPERATIONS), doc="drawn per instruction and round")
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.7, max_tokens=512))
-    max_added_words: int = 40  # told to the model: at most this many new words per round
-    max_chars: int = 4000  # an evolved instruction longer than this is dropped (too_long)
-    max_growth: float = 3.0  # ... and so is one longer than max_growth x parent length + 200 chars
-    min_chars: int = 8  # shorter outputs are dropped (empty)
-    max_similarity: float = 0.97  # difflib ratio to the parent at or above which it is "unchanged"
-    keep_original: bool = True  # also write the level-0 inputs into records.jsonl
-    limit: int | None = None  # evolve only the first N inputs
+    max_added_words: int = key(40, "told to the model: at most this many new words per round")
+    max_chars: int = key(4000, "an evolved instruction longer than this is dropped (too_long)")
+    max_growth: float = key(3.0, "... and so is one longer than max_growth x parent length + 200 chars")
+    min_chars: int = key(8, "shorter outputs are dropped (empty)")
+    max_similarity: float = key(0.97, "difflib ratio to the parent at or above which it is \"unchanged\"")
+    keep_original: bool = key(True, "also write the level-0 inputs into records.jsonl")
+    limit: int | None = key(None, "evolve only the first N inputs")
 
     def check(self) -> None:
         """Cross-field checks."""

@@ -40,72 +40,48 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_synthesis.synth_steps import StepCache, extract_json, norm_text, sample_step
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
-from posttrain.sampling.base import SamplerConfig, SamplingParams
-
-# Model-written verifiers must not reach the network (AutoIF dropped lines mentioning
-# requests/download); the sandbox has no network anyway, this makes the drop explicit.
-NETWORK_RE = re.compile(r"\b(?:socket|urllib\d?|requests|httpx|aiohttp|http\.client|ftplib|smtplib|telnetlib|"
-                        r"xmlrpc|urlopen|websocket|paramiko)\b|\bdownload")
-
-
-@dataclass
-class CrossValConfig:
-    """Thresholds of verifier cross-validation (defaults: AutoIF code/3_cross_validation.py)."""
-
-    min_candidate_functions: int = 3  # skip an instruction with fewer distinct usable functions (AutoIF: 3)
-    min_candidate_cases: int = 10  # skip an instruction with fewer distinct test cases (AutoIF: 10)
-    function_accuracy: float = 0.8  # keep a function with accuracy >= this on the kept cases (AutoIF: 0.8)
-    min_functions: int = 1  # keep an instruction with at least this many kept functions (AutoIF: 1)
-    min_cases: int = 1  # ... and at least this many kept cases
-    timeout_s: float = 5.0  # sandbox wall-clock limit per function process (AutoIF: 5 s alarm per call)
-    memory_mb: int = 512  # sandbox address-space limit
-    workers: int | None = None  # parallel sandbox processes (default: CPU count)
-
-    def check(self) -> None:
-        """Range checks."""
-        if not 0.0 <= self.function_accuracy <= 1.0:
-            raise ValueError(f"function_accuracy must be in [0, 1], got {self.function_accuracy}")
+from data_synthesis.common import StepCache, extract_json, norm_text, sample_step
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
+from reward.if_verifiers import CrossValConfig, cross_validate, parse_cases, pass_rates
 
 
 @dataclass
 class IFFeedbackConfig:
     """Keys of stage ``if_feedback``."""
 
-    seeds: str = input_field()  # seed constraints JSONL (id, instruction, category?, functions?, cases?)
-    queries: str = input_field()  # user queries: prompt records (JSONL/Parquet/datasets)
+    seeds: str = key(doc="seed constraints JSONL (id, instruction, category?, functions?, cases?)", input=True)
+    queries: str = key(doc="user queries: prompt records (JSONL/Parquet/datasets)", input=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512, seed=0))
     judge_sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=128, seed=0))
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
     # 1. augmentation
-    augment_prompts: int = 4  # prompts asking for new constraints (0: seeds only)
-    new_per_prompt: int = 5  # constraints asked for per prompt
-    examples_per_prompt: int = 5  # seed constraints shown per prompt
-    max_new_instructions: int | None = None  # cap on accepted new constraints
+    augment_prompts: int = key(4, "prompts asking for new constraints (0: seeds only)")
+    new_per_prompt: int = key(5, "constraints asked for per prompt")
+    examples_per_prompt: int = key(5, "seed constraints shown per prompt")
+    max_new_instructions: int | None = key(None, "cap on accepted new constraints")
     # 2-3. verifiers and cross-validation
-    functions_per_instruction: int = 4  # verifier replies sampled per instruction (AutoIF's K)
+    functions_per_instruction: int = key(4, "verifier replies sampled per instruction (AutoIF's K)")
     cross_validation: CrossValConfig = field(default_factory=CrossValConfig)
     # 4. back-translation
-    back_translate: bool = True  # drop instructions whose function back-translates to something inconsistent
+    back_translate: bool = key(True, "drop instructions whose function back-translates to something inconsistent")
     # 5-6. responses
-    queries_per_instruction: int = 2  # user queries each kept instruction is attached to
-    responses_per_prompt: int = 4  # responses sampled per (query, instruction)
-    demo_min_pass_rate: float = 1.0  # demonstrations: pass rate >= this (all verifiers agree)
-    chosen_min_pass_rate: float = 0.5  # preference chosen: pass rate >= this (AutoIF DPO: 0.5)
-    rejected_max_pass_rate: float = 0.0  # preference rejected: pass rate <= this (AutoIF DPO: 0)
-    max_pairs_per_prompt: int = 1  # preference pairs per prompt
-    require_stop: bool = True  # demonstrations / chosen responses must not be cut by max_tokens
-    limit_queries: int | None = None  # use only the first N queries
-    eval_queries: str | None = input_field(None)  # held-out queries: write eval_prompts.jsonl for `posttrain eval`
+    queries_per_instruction: int = key(2, "user queries each kept instruction is attached to")
+    responses_per_prompt: int = key(4, "responses sampled per (query, instruction)")
+    demo_min_pass_rate: float = key(1.0, "demonstrations: pass rate >= this (all verifiers agree)")
+    chosen_min_pass_rate: float = key(0.5, "preference chosen: pass rate >= this (AutoIF DPO: 0.5)")
+    rejected_max_pass_rate: float = key(0.0, "preference rejected: pass rate <= this (AutoIF DPO: 0)")
+    max_pairs_per_prompt: int = key(1, "preference pairs per prompt")
+    require_stop: bool = key(True, "demonstrations / chosen responses must not be cut by max_tokens")
+    limit_queries: int | None = key(None, "use only the first N queries")
+    eval_queries: str | None = key(None, "held-out queries: write eval_prompts.jsonl for `posttrain eval`", input=True)
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -147,18 +123,6 @@ def load_seeds(path: str | Path) -> list[dict]:
     return out
 
 
-def parse_cases(raw: Any) -> list[dict] | None:
-    """Validate test cases ``[{"input": str, "output": bool}]``; None when ``raw`` is not a list of them."""
-    if not isinstance(raw, list):
-        return None
-    out = []
-    for c in raw:
-        if not (isinstance(c, dict) and isinstance(c.get("input"), str) and isinstance(c.get("output"), bool)):
-            return None
-        out.append({"input": c["input"], "output": c["output"]})
-    return out
-
-
 def parse_verifier_reply(text: str) -> tuple[str | None, list[dict]]:
     """``(function source or None, valid cases)`` from a verifier reply; malformed parts give None / []."""
     d = extract_json(text)
@@ -173,100 +137,6 @@ def parse_verifier_reply(text: str) -> tuple[str | None, list[dict]]:
         if ok:
             cases.extend(ok)
     return func, cases
-
-
-def uses_network(source: str) -> bool:
-    """True when a verifier source names a network module or downloads something."""
-    return bool(NETWORK_RE.search(source))
-
-
-@dataclass
-class CrossValResult:
-    """Outcome of ``cross_validate`` for one instruction."""
-
-    kept: bool
-    functions: list[str]  # kept function sources
-    cases: list[dict]  # kept test cases
-    accuracy: dict[int, float]  # candidate function index -> accuracy on kept cases (functions that ran)
-    dropped: dict[str, int]  # reason -> number of candidate functions dropped before scoring
-    reason: str  # "ok" or why the instruction is dropped
-
-
-def _dedupe(items: list, key) -> list:
-    seen, out = set(), []
-    for x in items:
-        k = key(x)
-        if k not in seen:
-            seen.add(k)
-            out.append(x)
-    return out
-
-
-def cross_validate(functions: list[str], cases: list[dict], pool: Any, cfg: CrossValConfig) -> CrossValResult:
-    """Cross-validate verifier functions and test cases in the sandbox (AutoIF step 3).
-
-    ``pool`` is a ``data_synthesis.sandbox.SandboxPool`` (anything with its
-    ``call_many``). Each function runs in ONE sandboxed process over all cases.
-    A function is dropped when it names the network, when its process dies
-    (timeout, memory, killed) or when every call raises (including failing to
-    load). A verdict that is not a bool counts as wrong.
-    """
-    funcs = _dedupe([f.strip() + "\n" for f in functions], lambda f: f)
-    cases = _dedupe(cases, lambda c: (c["input"], c["output"]))
-    dropped: Counter = Counter()
-    usable = []
-    for f in funcs:
-        if uses_network(f):
-            dropped["network"] += 1
-        else:
-            usable.append(f)
-    if len(usable) < cfg.min_candidate_functions or len(cases) < cfg.min_candidate_cases or not cases:
-        return CrossValResult(False, [], [], {}, dict(dropped), "too_few_candidates")
-    results = pool.call_many([(f, "evaluate", [c["input"] for c in cases]) for f in usable])
-    verdicts: dict[int, list[bool | None]] = {}
-    for i, (res, vals) in enumerate(results):
-        if res.status != "ok":
-            dropped[res.status] += 1
-        elif all(isinstance(v, dict) and "error" in v for v in vals):
-            dropped["raises"] += 1
-        else:
-            verdicts[i] = [v if isinstance(v, bool) else None for v in vals]
-    kept_idx = [j for j, c in enumerate(cases) if any(v[j] is c["output"] for v in verdicts.values())]
-    kept_cases = [cases[j] for j in kept_idx]
-    acc = {i: (sum(v[j] is cases[j]["output"] for j in kept_idx) / len(kept_idx) if kept_idx else 0.0)
-           for i, v in verdicts.items()}
-    kept_funcs = [usable[i] for i, a in acc.items() if kept_idx and a >= cfg.function_accuracy]
-    if len(kept_funcs) < cfg.min_functions:
-        return CrossValResult(False, kept_funcs, kept_cases, acc, dict(dropped), "too_few_functions")
-    if len(kept_cases) < cfg.min_cases:
-        return CrossValResult(False, kept_funcs, kept_cases, acc, dict(dropped), "too_few_cases")
-    return CrossValResult(True, kept_funcs, kept_cases, acc, dict(dropped), "ok")
-
-
-def pass_rates(verifier_sources: list[str], responses: list[str], pool: Any) -> list[float]:
-    """Pass rate of each response: the fraction of verifiers returning True (errors count as False)."""
-    if not verifier_sources or not responses:
-        return [0.0] * len(responses)
-    results = pool.call_many([(src, "evaluate", list(responses)) for src in verifier_sources])
-    return [sum(vals[j] is True for _, vals in results) / len(verifier_sources) for j in range(len(responses))]
-
-
-def evaluate_response(verifier_sources: list[str], response: str, pool: Any = None) -> float:
-    """Pass rate of one response under the verifiers of one instruction (for ``posttrain eval``).
-
-    Runs every function in the sandbox; ``pool`` defaults to a fresh ``SandboxPool``.
-    """
-    from data_synthesis.sandbox import SandboxPool
-
-    if pool is not None:
-        return pass_rates(verifier_sources, [response], pool)[0]
-    with SandboxPool() as p:
-        return pass_rates(verifier_sources, [response], p)[0]
-
-
-def load_verifiers(path: str | Path) -> list[dict]:
-    """Read ``verifiers.jsonl`` written by this stage: ``{id, instruction, category, functions, cases, ...}``."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def augment_prompt(examples: list[str], k: int) -> list[dict]:
@@ -325,7 +195,7 @@ def _sandbox_step(ctx, name: str, keys: list[str], fn) -> dict[str, Any]:
 
 def run(cfg: IFFeedbackConfig, ctx) -> dict:
     """Entry point of stage kind ``if_feedback``."""
-    from data_synthesis.sandbox import SandboxLimits, SandboxPool
+    from reward.sandbox import SandboxLimits, SandboxPool
 
     seeds = load_seeds(ctx.resolve(cfg.seeds))
     qrows = list(iter_records(ctx.resolve(cfg.queries)))[: cfg.limit_queries]
@@ -453,9 +323,9 @@ def _write_verifiers(path: Path, rows: list[dict]) -> None:
 
 
 def _write_eval_prompts(path: Path, queries: list[dict], kept: list[dict]) -> None:
-    # Every held-out query with every kept constraint; meta.verifiers is what posttrain.evaluate
+    # Every held-out query with every kept constraint; meta.verifiers is what posttrain.evaluation.evaluate
     # reads to compute an instruction-following pass rate for a checkpoint.
-    from posttrain.records import write_records
+    from posttrain.core.records import write_records
 
     rows = [{"id": record_id("if-eval", v["id"], q["id"]), "prompt": attach(to_chat_prompt(q), v["instruction"]),
              "source": "if_feedback", "meta": {"verifiers": v["functions"], "instruction_id": v["id"],

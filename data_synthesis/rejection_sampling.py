@@ -24,17 +24,16 @@ half-way are dropped before it is redone, so nothing is lost or duplicated.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from data_synthesis import math_verify as mv
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis import paths
+from data_synthesis.common import build_prompt, get_field, open_outputs
+from reward import answers as mv
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 log = logging.getLogger("posttrain.rejection_sampling")
 
@@ -45,26 +44,28 @@ DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer w
 class RejectionSamplingConfig:
     """Keys of stage ``rejection_sampling``."""
 
-    input: str = input_field()  # prompt records (JSONL/Parquet/datasets) with a reference answer
-    answer_field: str = "meta.answer"  # dotted path of the reference answer in each record ("answer", "meta.answer")
-    k: int = 8  # reasoning paths sampled per problem (overrides sampling.n)
+    input: str = key(doc="prompt records (JSONL/Parquet/datasets) with a reference answer", input=True)
+    answer_field: str = key("meta.answer", "dotted path of the reference answer in each record (\"answer\", \"meta.answer\")")
+    k: int = key(8, "reasoning paths sampled per problem (overrides sampling.n)")
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512))
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
-    system_prompt: str | None = None  # optional system turn put before each problem
-    instruction: str = DEFAULT_INSTRUCTION  # appended to the last user turn ("" sends the problem as is)
-    extractors: list[str] = field(default_factory=lambda: list(mv.DEFAULT_ORDER))  # answer extractors, in order
-    rel_tol: float = 1e-4  # relative tolerance of numeric equivalence
-    use_math_verify: bool = True  # symbolic equivalence with the math-verify library when installed
-    require_terminated: bool = True  # a path cut by max_tokens never counts as correct
-    max_per_problem: int = 4  # m: at most this many correct paths kept per problem
-    similarity_threshold: float = 0.9  # paths at least this similar to a kept one are duplicates
-    max_pairs_per_problem: int = 4  # correct-vs-incorrect preference pairs per problem
-    reward_model: str | None = None  # problems without a reference: best-of-N by this reward model (None: skip)
-    reward_tokenizer: str | None = None  # the reward model's tokenizer folder (default: the reward model's own)
-    min_reward_margin: float = 0.0  # best-of-N: a best-vs-worst pair needs at least this score gap
-    chunk_size: int = 256  # problems per sampler call; the resume granularity
-    limit: int | None = None  # use only the first N problems
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
+    system_prompt: str | None = key(None, "optional system turn put before each problem")
+    instruction: str = key(DEFAULT_INSTRUCTION, "appended to the last user turn (\"\" sends the problem as is)")
+    extractors: list[str] = key(factory=lambda: list(mv.DEFAULT_ORDER), doc="answer extractors, in order")
+    rel_tol: float = key(1e-4, "relative tolerance of numeric equivalence")
+    use_math_verify: bool = key(True, "symbolic equivalence with the math-verify library when installed")
+    require_terminated: bool = key(True, "a path cut by max_tokens never counts as correct")
+    max_per_problem: int = key(4, "m: at most this many correct paths kept per problem")
+    similarity_threshold: float = key(0.9, "paths at least this similar to a kept one are duplicates")
+    max_pairs_per_problem: int = key(4, "correct-vs-incorrect preference pairs per problem")
+    reward_model: str | None = key(None, "problems without a reference: best-of-N by this reward model (None: skip)",
+                                   model=True)
+    reward_tokenizer: str | None = key(None, "the reward model's tokenizer folder (default: the reward model's own)",
+                                       model=True)
+    min_reward_margin: float = key(0.0, "best-of-N: a best-vs-worst pair needs at least this score gap")
+    chunk_size: int = key(256, "problems per sampler call; the resume granularity")
+    limit: int | None = key(None, "use only the first N problems")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -75,85 +76,6 @@ class RejectionSamplingConfig:
             raise ValueError("k and chunk_size must be >= 1, max_per_problem >= 0")
         if not 0 < self.similarity_threshold <= 1:
             raise ValueError("similarity_threshold must be in (0, 1]")
-
-
-# ---------------------------------------------------------------- shared helpers (also used by code_feedback)
-
-def get_field(rec: dict, dotted: str) -> Any:
-    """``rec["a"]["b"]`` for ``"a.b"``; None when any part is missing."""
-    node: Any = rec
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def drop_uncommitted(paths: list[Path], committed: set[str]) -> int:
-    """Remove records whose ``meta.problem_id`` is not committed (a problem interrupted half-way).
-
-    Rewrites each file atomically; returns how many records were dropped.
-    """
-    dropped = 0
-    for p in paths:
-        if not p.exists():
-            continue
-        keep, n = [], 0
-        for line in p.read_bytes().split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                n += 1  # a torn last line
-                continue
-            if (rec.get("meta") or {}).get("problem_id") in committed:
-                keep.append(line)
-            else:
-                n += 1
-        if n:
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_bytes(b"".join(x + b"\n" for x in keep))
-            os.replace(tmp, p)
-            dropped += n
-    return dropped
-
-
-def open_outputs(out: Path) -> tuple[Path, Path, Path, set[str]]:
-    """A per-problem stage's output paths (log, demonstrations, preferences) and its committed problem ids.
-
-    Records of problems that were interrupted half-way (not in the log) are dropped, so they are redone whole.
-    """
-    log_path = out / "problems.jsonl"
-    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
-    done = committed_ids(log_path)
-    dropped = drop_uncommitted([demo_path, pref_path], done)
-    if dropped:
-        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
-    return log_path, demo_path, pref_path, done
-
-
-def committed_ids(log_path: Path) -> set[str]:
-    """Ids of problems whose commit line is in ``problems.jsonl`` (a torn last line does not count)."""
-    if not log_path.exists():
-        return set()
-    ids = set()
-    for line in log_path.read_bytes().split(b"\n"):
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return ids
-
-
-def build_prompt(rec: dict, system_prompt: str | None, instruction: str) -> list[dict]:
-    """The chat prompt of a problem record, with the optional system turn and instruction suffix."""
-    msgs = [dict(m) for m in to_chat_prompt(rec)]
-    if instruction and msgs and msgs[-1]["role"] == "user":
-        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + instruction
-    if system_prompt and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": system_prompt}] + msgs
-    return msgs
 
 
 # ---------------------------------------------------------------- judging one problem (pure)
@@ -170,7 +92,7 @@ def judge_paths(texts: list[str], finish_reasons: list[str], reference: str, cfg
         ok = mv.answers_equal(a, reference, rel_tol=cfg.rel_tol, use_math_verify=cfg.use_math_verify)
         correct.append(ok and (fr == "stop" or not cfg.require_terminated))
     good = [i for i, c in enumerate(correct) if c]
-    picked = mv.select_diverse([texts[i] for i in good], cfg.max_per_problem, cfg.similarity_threshold)
+    picked = paths.select_diverse([texts[i] for i in good], cfg.max_per_problem, cfg.similarity_threshold)
     kept = [good[j] for j in picked]
     # rejected candidates: wrong answers first (clearer signal), then paths without an answer;
     # identical texts are used once
@@ -227,8 +149,8 @@ def run(cfg: RejectionSamplingConfig, ctx) -> dict:
                 if scorer is None:
                     from reward.scorer import RewardScorer  # lazy: pulls in torch
 
-                    rm = ctx.resolve(cfg.reward_model)
-                    tok = ctx.resolve(cfg.reward_tokenizer)
+                    rm = ctx.resolve_model(cfg.reward_model, "reward_model")
+                    tok = ctx.resolve_model(cfg.reward_tokenizer, "reward_tokenizer")
                     scorer = RewardScorer(rm, tok) if tok else RewardScorer(rm)
                 flat_p = [p[1] for p, o in bon for _ in o]
                 flat_r = [c.text for _, o in bon for c in o]
@@ -265,8 +187,8 @@ def _with_reference(pid: str, prompt: list[dict], ref: str, comps: list, cfg: Re
                                   "rejected_answer": j["answers"][b], "pair": "correct_vs_incorrect"}))
     return {"problem_id": pid, "mode": "reference", "reference": ref, "samples": len(texts), "correct": n_correct,
             "no_answer": sum(a is None for a in j["answers"]), "kept": len(j["kept"]), "pairs": len(j["pairs"]),
-            "pass@1": mv.pass_at_k(len(texts), n_correct, 1),
-            "pass@k": mv.pass_at_k(len(texts), n_correct, len(texts))}
+            "pass@1": paths.pass_at_k(len(texts), n_correct, 1),
+            "pass@k": paths.pass_at_k(len(texts), n_correct, len(texts))}
 
 
 def _best_of_n(pid: str, prompt: list[dict], comps: list, scores: list[float], cfg: RejectionSamplingConfig,

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_synthesis.synth_steps import extract_json, norm_text, read_text_inputs, sample_step
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, demonstration, record_id
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import extract_json, norm_text, read_text_inputs, sample_step
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, demonstration, record_id
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 # Detail levels of back-translated literary instructions: from a bare topic to a full brief.
 LEVELS: dict[str, str] = {
@@ -60,26 +60,26 @@ _CHARACTER_BREAKS = ("as an ai", "language model", "i am an ai", "i'm an ai", "a
 class RepurposeConfig:
     """Keys of stage ``repurpose``."""
 
-    mode: Literal["literary", "roleplay"]  # literary back-translation or role-play from character profiles
-    inputs: list[str] = input_field()  # files or folders: .txt works (literary) or .json/.txt profiles (roleplay)
+    mode: Literal["literary", "roleplay"] = key(doc="literary back-translation or role-play from character profiles")
+    inputs: list[str] = key(doc="files or folders: .txt works (literary) or .json/.txt profiles (roleplay)", input=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=256, seed=0))
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
-    require_stop: bool = True  # drop model outputs cut by max_tokens (finish_reason "length")
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
+    require_stop: bool = key(True, "drop model outputs cut by max_tokens (finish_reason \"length\")")
     # literary
-    chunk_words: int = 300  # a chunk holds whole paragraphs up to this many words
-    min_chunk_words: int = 40  # a shorter trailing chunk is merged into the previous one
-    levels: list[str] = field(default_factory=lambda: list(LEVELS))  # detail levels (keys of LEVELS)
-    instructions_per_level: int = 1  # samples per (chunk, level)
-    max_instruction_words: int = 200  # longer instructions are dropped
-    leak_ngram: int = 12  # drop an instruction sharing this many consecutive words with its chunk
+    chunk_words: int = key(300, "a chunk holds whole paragraphs up to this many words")
+    min_chunk_words: int = key(40, "a shorter trailing chunk is merged into the previous one")
+    levels: list[str] = key(factory=lambda: list(LEVELS), doc="detail levels (keys of LEVELS)")
+    instructions_per_level: int = key(1, "samples per (chunk, level)")
+    max_instruction_words: int = key(200, "longer instructions are dropped")
+    leak_ngram: int = key(12, "drop an instruction sharing this many consecutive words with its chunk")
     # roleplay
-    grounded_queries: int = 4  # queries per character answerable from the profile
-    unknowable_queries: int = 2  # queries per character whose premise the character cannot know
-    answers_per_query: int = 1  # in-character answers sampled per query
-    check_refusals: bool = True  # model check: keep unknowable-premise answers that decline, grounded ones that do not
+    grounded_queries: int = key(4, "queries per character answerable from the profile")
+    unknowable_queries: int = key(2, "queries per character whose premise the character cannot know")
+    answers_per_query: int = key(1, "in-character answers sampled per query")
+    check_refusals: bool = key(True, "model check: keep unknowable-premise answers that decline, grounded ones that do not")
     judge_sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=32, seed=0))
-    limit: int | None = None  # use only the first N works / characters
+    limit: int | None = key(None, "use only the first N works / characters")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -292,9 +292,9 @@ def _run_literary(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
     params = dataclasses.replace(cfg.sampling, n=cfg.instructions_per_level)
     outs = sample_step(ctx, get_sampler, "instructions", {k: literary_prompt(c, m, lv) for k, c, m, _, lv in items}, params)
     drops: Counter = Counter()
-    for key, chunk, meta, ci, lv in items:
+    for item_key, chunk, meta, ci, lv in items:
         seen = set()
-        for j, comp in enumerate(outs[key]):
+        for j, comp in enumerate(outs[item_key]):
             if cfg.require_stop and comp["finish"] != "stop":
                 drops["truncated"] += 1
                 continue
@@ -305,7 +305,7 @@ def _run_literary(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
             seen.add(norm_text(ins))
             writer.write(demonstration(
                 [{"role": "user", "content": ins}, {"role": "assistant", "content": chunk}],
-                id=record_id("repurpose-literary", key, j), source="repurpose:literary",
+                id=record_id("repurpose-literary", item_key, j), source="repurpose:literary",
                 meta={"work": meta["title"], "author": meta["author"], "file": meta["file"], "chunk": ci, "level": lv}))
     return {"works": len(files), "chunks": len({(m["file"], ci) for _, _, m, ci, _ in items}),
             "instructions_sampled": sum(len(v) for v in outs.values()), "dropped": dict(drops)}

@@ -32,19 +32,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_synthesis.instag import load_instructions
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, iter_records, record_id, write_records
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import load_instructions
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, iter_records, record_id, write_records
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
 @dataclass
 class Generator:
     """One source of responses: a sampler (and model) with its sampling settings."""
 
-    label: str  # name shown in the records (e.g. "policy-t0.7", "sft-greedy")
-    sampler: SamplerConfig | None = None  # default: the recipe's sampler section
-    model: str | None = None  # default: the recipe's model.path
+    label: str = key(doc="name shown in the records (e.g. \"policy-t0.7\", \"sft-greedy\")")
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    model: str | None = key(None, "default: the recipe's model.path", model=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=2, temperature=0.8, max_tokens=256))
 
 
@@ -52,13 +52,13 @@ class Generator:
 class RespondConfig:
     """Keys of stage ``respond`` (multi-response generation for annotation)."""
 
-    input: str = input_field()  # instruction records (e.g. @evolve)
+    input: str = key(doc="instruction records (e.g. @evolve)", input=True)
     generators: list[Generator] = field(default_factory=lambda: [
         Generator(label="t0.7", sampling=SamplingParams(n=2, temperature=0.7, max_tokens=256)),
         Generator(label="t1.0", sampling=SamplingParams(n=2, temperature=1.0, max_tokens=256))])
-    dedupe: bool = True  # drop exact duplicate responses of one instruction
-    min_responses: int = 2  # instructions left with fewer responses are not written to tasks.jsonl
-    limit: int | None = None  # use only the first N instructions
+    dedupe: bool = key(True, "drop exact duplicate responses of one instruction")
+    min_responses: int = key(2, "instructions left with fewer responses are not written to tasks.jsonl")
+    limit: int | None = key(None, "use only the first N instructions")
 
     def check(self) -> None:
         """Cross-field checks."""

@@ -42,24 +42,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_synthesis.instag import extract_json, instruction_text
-from posttrain.recipe import input_field
-from posttrain.records import RecordWriter, iter_records, write_records
-from posttrain.sampling.base import SamplerConfig, SamplingParams
+from data_synthesis.common import extract_json, instruction_text
+from posttrain.core.config import key
+from posttrain.core.records import RecordWriter, iter_records, write_records
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
 @dataclass
 class SelectConfig:
     """Keys of stage ``select`` (complexity-first diverse sampling)."""
 
-    input: str = input_field()  # tagged records (stage instag's records.jsonl or folder)
-    budget: int = 100  # how many instructions to select
-    scoring: Literal["none", "heuristic", "llm"] = "heuristic"  # richness/completeness scores (see module doc)
-    min_completeness: float = 0.0  # drop instructions whose completeness score is below this (0..1)
-    min_words: int = 3  # heuristic completeness: fewer words than this fails the length check
-    reset_coverage: bool = True  # start a new pass with empty coverage when a pass ends under budget
-    sampler: SamplerConfig | None = None  # scoring: llm — default: the recipe's sampler
-    model: str | None = None  # scoring: llm — default: the recipe's model.path
+    input: str = key(doc="tagged records (stage instag's records.jsonl or folder)", input=True)
+    budget: int = key(100, "how many instructions to select")
+    scoring: Literal["none", "heuristic", "llm"] = key("heuristic", "richness/completeness scores (see module doc)")
+    min_completeness: float = key(0.0, "drop instructions whose completeness score is below this (0..1)")
+    min_words: int = key(3, "heuristic completeness: fewer words than this fails the length check")
+    reset_coverage: bool = key(True, "start a new pass with empty coverage when a pass ends under budget")
+    sampler: SamplerConfig | None = key(None, "scoring: llm — default: the recipe's sampler")
+    model: str | None = key(None, "scoring: llm — default: the recipe's model.path", model=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=64))
 
     def check(self) -> None:

@@ -16,13 +16,13 @@ import logging
 import os
 import sys
 
-from posttrain.config import ConfigError
+from posttrain.core.errors import USER_ERRORS, ConfigError
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe
 
-    recipe = Recipe.load(a.recipe, a.overrides)
+    recipe = load_recipe(a.recipe, a.overrides)
     results = recipe.run(only=a.only, force=a.force)
     for name, m in results.items():
         print(f"{name:24s} {m['kind']:20s} {m['seconds']:8.1f}s  {os.path.join(recipe.output_dir, name)}")
@@ -30,16 +30,16 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe
 
-    r = Recipe.load(a.recipe, a.overrides)
+    r = load_recipe(a.recipe, a.overrides)
     print(f"{a.recipe}: ok ({len(r.stages)} stages: {', '.join(s.name for s in r.stages)})")
     return 0
 
 
 def _cmd_keys(a: argparse.Namespace) -> int:
-    from posttrain.config import field_doc
-    from posttrain.recipe import RecipeFile
+    from posttrain.core.config import field_doc
+    from posttrain.core.recipe import RecipeFile
     from posttrain.stages import STAGES
 
     kinds = [a.kind] if a.kind else ["<recipe>"] + sorted(STAGES)
@@ -51,14 +51,14 @@ def _cmd_keys(a: argparse.Namespace) -> int:
         else:
             raise ConfigError(f"unknown stage kind {kind!r} (expected one of: {', '.join(sorted(STAGES))})")
         print(f"## {kind}" + (f"  ({cls.__doc__.strip().splitlines()[0]})" if cls.__doc__ else ""))
-        for name, tp, default, note in field_doc(cls):
+        for name, tp, default, note in field_doc(cls, nested=True):
             print(f"  {name}: {tp}, default {default!r}" + (f"\n      {note}" if note else ""))
         print()
     return 0
 
 
 def _cmd_tiny(a: argparse.Namespace) -> int:
-    from posttrain.tiny import TinySpec, make_tiny_model
+    from posttrain.core.tiny import TinySpec, make_tiny_model
 
     spec = TinySpec(hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
     out = make_tiny_model(a.out_dir, spec)
@@ -103,17 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Subcommands that live next to their feature (each module exposes ``add_cli(sub)``)."""
-    adders = []
-    for mod in ("data_synthesis.sandbox", "data_synthesis.annotate_app", "posttrain.evaluate"):
-        try:
-            m = __import__(mod, fromlist=["add_cli"])
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):  # the feature module is not part of this build
-                continue
-            raise
-        if hasattr(m, "add_cli"):
-            adders.append(m.add_cli)
-    return adders
+    from data_synthesis import annotate_app
+    from posttrain.evaluation import evaluate
+    from reward import sandbox
+
+    return [sandbox.add_cli, annotate_app.add_cli, evaluate.add_cli]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return a.fn(a) or 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+    except USER_ERRORS as e:  # bad input of any kind: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,21 +1,25 @@
-"""The stage kinds a recipe may name: kind -> (config dataclass, entry function).
+"""The stage table (composition root): kind -> (config dataclass, entry function).
 
-Plain imports, no plugin registry: adding a stage means adding its module and
-one line here. Stage modules import heavy libraries (torch, vLLM) inside their
-functions, so importing this table (``posttrain validate``) stays fast.
+Plain imports, no plugin registry: adding a stage means adding its module and one line here.
+The recipe parser never imports this module; the CLI (and tests) pass ``STAGES`` into
+``Recipe.load``, through ``load_recipe`` / ``recipe_from_dict`` below. Stage modules import
+heavy libraries (torch, vLLM) inside their functions, so importing this table
+(``posttrain validate``) stays fast.
 """
 
 from __future__ import annotations
 
-from posttrain import evaluate, generate, report, tasks, tiny
-from posttrain import dpo, sft
-from posttrain import online_dpo
-from reward import train as reward_train
-from data_synthesis import constitutional, if_feedback, repurpose
-from data_synthesis import code_feedback, rejection_sampling
-from data_synthesis import annotate_app, evolve, instag, respond, selection
+from pathlib import Path
 
-STAGES: dict[str, tuple[type, object]] = {
+from data_synthesis import (annotate_app, code_feedback, constitutional, evolve, generate, if_feedback, instag,
+                            make_task, rejection_sampling, repurpose, respond, selection)
+from posttrain.core import tiny
+from posttrain.core.recipe import Recipe, StageTable
+from posttrain.evaluation import evaluate, report
+from posttrain.trainers import dpo, online_dpo, sft
+from reward import train as reward_train
+
+STAGES: StageTable = {
     "make_tiny_model": (tiny.TinyModelStageConfig, tiny.run_stage),
     "generate": (generate.GenerateConfig, generate.run),
     "instag": (instag.InstagConfig, instag.run),
@@ -23,7 +27,7 @@ STAGES: dict[str, tuple[type, object]] = {
     "evolve": (evolve.EvolveConfig, evolve.run),
     "respond": (respond.RespondConfig, respond.run),
     "annotation_export": (annotate_app.AnnotationExportConfig, annotate_app.run_export_stage),
-    "make_task": (tasks.TaskConfig, tasks.run),
+    "make_task": (make_task.TaskConfig, make_task.run),
     "eval": (evaluate.EvalConfig, evaluate.run),
     "report": (report.ReportConfig, report.run),
     "sft": (sft.SFTStageConfig, sft.run),
@@ -36,3 +40,13 @@ STAGES: dict[str, tuple[type, object]] = {
     "rejection_sampling": (rejection_sampling.RejectionSamplingConfig, rejection_sampling.run),
     "code_feedback": (code_feedback.CodeFeedbackConfig, code_feedback.run),
 }
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_models: bool = True) -> Recipe:
+    """``Recipe.load`` with the full stage table."""
+    return Recipe.load(path, STAGES, overrides, check_models)
+
+
+def recipe_from_dict(data: dict, path: str | Path = "recipe.yaml", check_models: bool = True) -> Recipe:
+    """``Recipe.from_dict`` with the full stage table."""
+    return Recipe.from_dict(data, Path(path), STAGES, check_models)

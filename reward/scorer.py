@@ -33,7 +33,7 @@ class RewardScorer:
                  dtype: str = "auto", batch_size: int = 16, max_length: int = 2048):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        from posttrain.sampling.hf import resolve_device, torch_dtype
+        from posttrain.core.sampling.hf import resolve_device, torch_dtype
 
         cfg = AutoConfig.from_pretrained(model_path)
         archs = getattr(cfg, "architectures", None) or []

@@ -24,7 +24,7 @@ Loss: ``-log sigmoid(r_chosen - r_rejected - margin)`` (Bradley-Terry; the
 margin term is Llama 2's, section 3.2.2, used when rows carry ``margin`` and
 ``use_margin`` is on; rows without one get 0), optionally plus TRL's reward
 centring term. Training runs through TRL's ``RewardTrainer`` with the shared
-trainer plumbing of ``posttrain.sft`` (schedule with floor, loss log, DeepSpeed
+trainer plumbing of ``posttrain.trainers.sft`` (schedule with floor, loss log, DeepSpeed
 set-up, checkpoints), so the same accelerate/DeepSpeed launches work.
 Held-out scoring goes through ``RewardScorer`` on the saved folder, i.e. the
 exact path synthesis stages and online DPO use.
@@ -37,14 +37,17 @@ import hashlib
 import json
 import logging
 import math
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.recipe import input_field
-from posttrain.records import iter_records
-from posttrain.sft import LoraSection, TrainArgs
+from posttrain.core.config import key
+from posttrain.core.devices import torch_dtype
+from posttrain.core.distributed import barrier, is_main_process, setup_distributed
+from posttrain.core.errors import BadInput
+from posttrain.core.records import iter_records
+from posttrain.core.trainkit import (LoraSection, ScheduleMixin, TrainArgs, begin, dataset_on_disk, finish,
+                                     lora_config, trl_args)
 
 log = logging.getLogger("posttrain")
 
@@ -60,22 +63,23 @@ def _reward_train_defaults() -> TrainArgs:
 class RewardStageConfig:
     """Stage ``reward``: Bradley-Terry reward model (sequence-classification head) on preference records."""
 
-    input: str = input_field()  # preference records (file or @stage)
-    eval_input: str | None = input_field(None)  # held-out preferences; unset: split eval_fraction off input
-    eval_fraction: float = 0.1  # share of input held out when eval_input is unset (0: no held-out eval)
-    split_by: Literal["prompt", "row"] = "prompt"  # held-out unit: whole prompts (no prompt in both) or rows
-    model: str | None = None  # starting model: policy/SFT folder or a reward folder (default: recipe model.path)
-    max_length: int = 2048  # pairs whose chosen or rejected conversation is longer are dropped (counted)
-    use_margin: bool = True  # use the records' `margin` column in the loss when present (Llama 2 margin loss)
-    center_rewards_coefficient: float | None = None  # TRL's reward-centring penalty (e.g. 0.01); null: off
-    breakdown: list[str] = field(default_factory=list)  # extra held-out breakdowns: "meta.KEY" or a record key
-    train_eval_limit: int = 256  # training pairs also scored after training (fit check; 0: none)
-    eval_batch_size: int = 16  # conversations per scoring forward pass
-    attn_implementation: str | None = None  # null: flash_attention_2 on GPU when installed, else model.attn_implementation
-    limit: int | None = None  # use only the first N input records
-    resume: bool = True  # continue from the newest checkpoint in checkpoints/ when present
-    lora: LoraSection | None = None  # LoRA (score head fully trained) instead of full fine-tuning
-    train: TrainArgs = field(default_factory=_reward_train_defaults)  # optimizer / schedule / Trainer settings
+    input: str = key(doc="preference records (file or @stage)", input=True)
+    eval_input: str | None = key(None, "held-out preferences; unset: split eval_fraction off input", input=True)
+    eval_fraction: float = key(0.1, "share of input held out when eval_input is unset (0: no held-out eval)")
+    split_by: Literal["prompt", "row"] = key("prompt", "held-out unit: whole prompts (no prompt in both) or rows")
+    model: str | None = key(None, "starting model: policy/SFT folder or a reward folder (default: recipe model.path)",
+                            model=True)
+    max_length: int = key(2048, "pairs whose chosen or rejected conversation is longer are dropped (counted)")
+    use_margin: bool = key(True, "use the records' `margin` column in the loss when present (Llama 2 margin loss)")
+    center_rewards_coefficient: float | None = key(None, "TRL's reward-centring penalty (e.g. 0.01); null: off")
+    breakdown: list[str] = key(factory=list, doc="extra held-out breakdowns: \"meta.KEY\" or a record key")
+    train_eval_limit: int = key(256, "training pairs also scored after training (fit check; 0: none)")
+    eval_batch_size: int = key(16, "conversations per scoring forward pass")
+    attn_implementation: str | None = key(None, "null: flash_attention_2 on GPU when installed, else model.attn_implementation")
+    limit: int | None = key(None, "use only the first N input records")
+    resume: bool = key(True, "continue from the newest checkpoint in checkpoints/ when present")
+    lora: LoraSection | None = key(None, "LoRA (score head fully trained) instead of full fine-tuning")
+    train: TrainArgs = key(factory=_reward_train_defaults, doc="optimizer / schedule / Trainer settings")
 
     def check(self) -> None:
         """Cross-field rules."""
@@ -86,10 +90,6 @@ class RewardStageConfig:
         for b in self.breakdown:
             if not b or b == "meta.":
                 raise ValueError(f"breakdown: bad field {b!r} (use 'meta.KEY' or a record key)")
-
-
-class BadInput(ValueError):
-    """The preference data cannot be used; the message names the file/row."""
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -214,8 +214,8 @@ def evaluate_records(scorer: Any, records: list[dict], breakdown: list[str]) -> 
     n = len(records)
     ch, rj = scores[:n], scores[n:]
     out = pair_metrics(ch, rj)
-    for key in ["source", *[b for b in breakdown if b != "source"]]:
-        out[f"by_{key}"] = breakdown_metrics(records, ch, rj, key)
+    for field_name in ["source", *[b for b in breakdown if b != "source"]]:
+        out[f"by_{field_name}"] = breakdown_metrics(records, ch, rj, field_name)
     per_pair = [{"id": r["id"], "source": r.get("source"), "chosen": c, "rejected": j}
                 for r, c, j in zip(records, ch, rj)]
     return out, per_pair
@@ -226,8 +226,6 @@ def evaluate_records(scorer: Any, records: list[dict], breakdown: list[str]) -> 
 def _reward_trainer_class() -> type:
     """TRL's RewardTrainer + the peak->floor schedule, with accuracy/margin in the loss log."""
     from trl import RewardTrainer
-
-    from posttrain.sft import ScheduleMixin
 
     class PosttrainRewardTrainer(ScheduleMixin, RewardTrainer):
         def log(self, logs: dict, start_time: float | None = None) -> None:  # noqa: D102
@@ -244,19 +242,12 @@ def _reward_trainer_class() -> type:
 
 def load_reward_model(path: str, dtype: str, attn: str, pad_token_id: int | None, seed: int) -> Any:
     """A ``num_labels=1`` sequence classifier from a reward folder or a causal-LM folder (fresh head)."""
-    import torch
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from posttrain.sft import on_gpu
-
-    if dtype == "auto":
-        dt = torch.bfloat16 if on_gpu() and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dt = getattr(torch, dtype)
     set_seed(seed)  # the new score head of a causal-LM start is drawn here
     with suppress_seqcls_warning():  # the dropped lm_head and the new score head are expected
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dt,
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype),
                                                                    attn_implementation=attn)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # sequence classifiers pool at the last non-pad token
@@ -264,42 +255,24 @@ def load_reward_model(path: str, dtype: str, attn: str, pad_token_id: int | None
     return model
 
 
-def lora_seqcls_config(sec: LoraSection) -> Any:
-    """A peft LoraConfig for a sequence classifier: adapters on ``target_modules``, ``score`` fully trained."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=sec.r, lora_alpha=sec.alpha, lora_dropout=sec.dropout, target_modules=list(sec.target_modules),
-                      task_type="SEQ_CLS", modules_to_save=["score"])
-
-
 def build_reward_trainer(cfg: RewardStageConfig, model_path: str, tokenizer: Any, rows: list[dict], out_dir: Path,
-                         seed: int, dtype: str = "auto", attn: str = "sdpa", callbacks: list | None = None) -> Any:
+                         seed: int, dtype: str = "auto", attn: str = "sdpa", callbacks: list | None = None,
+                         run_name: str | None = None) -> Any:
     """The configured trainer (also used by tests)."""
     from trl import RewardConfig
 
-    from posttrain.sft import dataset_on_disk, setup_distributed, trl_args
-
-    setup_distributed()
-    args = trl_args(RewardConfig, cfg.train, out_dir, seed, max_length=cfg.max_length,
+    setup_distributed(cfg.train.deepspeed)
+    args = trl_args(RewardConfig, cfg.train, out_dir, seed, run_name=run_name, max_length=cfg.max_length,
                     center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None,
                     eval_strategy="no", disable_dropout=True)
     model = load_reward_model(model_path, dtype, attn, tokenizer.pad_token_id, seed)  # after args: ZeRO-3 init
     train_ds = dataset_on_disk(rows, out_dir / "_data")
     cls = _reward_trainer_class()
-    trainer = cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                  peft_config=lora_seqcls_config(cfg.lora) if cfg.lora else None, callbacks=callbacks or [])
+    peft = lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]) if cfg.lora else None
+    trainer = cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft,
+                  callbacks=callbacks or [])
     trainer.schedule = cfg.train
     return trainer
-
-
-def save_reward_model(trainer: Any, out_dir: Path, tokenizer: Any, lora: LoraSection | None, base_path: str,
-                      dtype: str, pad_token_id: int | None, seed: int) -> str:
-    """Save the trained reward model into ``out_dir`` (merging a LoRA adapter when asked)."""
-    from posttrain.sft import save_final
-
-    # Merge on a fresh float copy; the adapter carries the trained score head (modules_to_save).
-    return save_final(trainer, out_dir, tokenizer, lora, base_path, dtype, load_base=lambda: load_reward_model(
-        base_path, "float32" if dtype == "auto" else dtype, "sdpa", pad_token_id, seed))
 
 
 # ---------------------------------------------------------------- entry
@@ -315,26 +288,22 @@ def _read(path: str, limit: int | None = None) -> list[dict]:
 
 def run(cfg: RewardStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``reward``."""
-    from posttrain.sft import (barrier, distributed_info, is_main_process, last_checkpoint, load_tokenizer,
-                               loss_log_callback, pick_attention)
-
-    model_path = ctx.model_path(cfg.model)
-    tok = load_tokenizer(ctx, model_path)
+    tr = begin(cfg, ctx)
+    cfg, tok = tr.cfg, tr.tokenizer
     if not getattr(tok, "chat_template", None):
-        raise BadInput(f"{ctx.tokenizer_path(model_path)}: the tokenizer has no chat template (set "
+        raise BadInput(f"{ctx.tokenizer_path(tr.model_path)}: the tokenizer has no chat template (set "
                        "tokenizer.chat_template in the recipe to a Jinja file)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # sequence classifiers need a pad id to find the last token
     src = ctx.resolve(cfg.input)
     records, stats = clean_pairs(_read(src, cfg.limit), src)
-    seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
     esrc = ctx.resolve(cfg.eval_input) if cfg.eval_input else src
     if cfg.eval_input:
         train_recs = records
         eval_recs, estats = clean_pairs(_read(esrc), esrc)
         stats["eval_file"] = estats
     else:
-        train_recs, eval_recs = split_heldout(records, cfg.eval_fraction, cfg.split_by, seed)
+        train_recs, eval_recs = split_heldout(records, cfg.eval_fraction, cfg.split_by, tr.seed)
     rows, train_recs, dropped = tokenize_pairs(train_recs, tok, cfg.max_length, cfg.use_margin, src)
     _, eval_recs, edropped = tokenize_pairs(eval_recs, tok, cfg.max_length, False, esrc)
     stats.update({"dropped_overlong": dropped, "eval_dropped_overlong": edropped, "train_pairs": len(rows),
@@ -346,34 +315,21 @@ def run(cfg: RewardStageConfig, ctx: Any) -> dict:
             log.warning("reward %s: %d pairs %s", src, stats[k], k.replace("_", " "))
     if is_main_process():
         ctx.write_json("data_stats.json", stats)
-
-    resume = last_checkpoint(ctx.out_dir) if cfg.resume else None
-    resume_step = int(resume.rsplit("-", 1)[1]) if resume else 0
-    attn = pick_attention(cfg.attn_implementation, ctx.recipe.file.model.attn_implementation)
-    dtype = ctx.recipe.file.model.dtype
-    trainer = build_reward_trainer(cfg, model_path, tok, rows, ctx.out_dir, seed, dtype, attn,
-                                   callbacks=[loss_log_callback(ctx.out_dir / "loss_log.jsonl", resume_step)])
-    if resume:
-        log.info("reward: resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    steps = trainer.state.global_step
-    dist = distributed_info(trainer)
-    saved = save_reward_model(trainer, ctx.out_dir, tok, cfg.lora, model_path, dtype, tok.pad_token_id, seed)
+    trainer = build_reward_trainer(cfg, tr.model_path, tok, rows, ctx.out_dir, tr.seed, tr.dtype, tr.attn,
+                                   callbacks=tr.callbacks, run_name=ctx.run_name)
+    result = trainer.train(resume_from_checkpoint=tr.resume)
+    # A LoRA adapter (which carries the trained score head) is merged into a fresh float copy.
+    summary = finish(tr, trainer, result, load_base=lambda: load_reward_model(
+        tr.model_path, "float32" if tr.dtype == "auto" else tr.dtype, "sdpa", tok.pad_token_id, tr.seed))
     del trainer
-    gc.collect()
-    if is_main_process() and not cfg.train.keep_checkpoints:
-        shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
-
-    report: dict = {"model": str(ctx.out_dir)}
+    gc.collect()  # free the training copy before the scorer loads the saved one
+    report: dict = {}
     if is_main_process():
-        shutil.rmtree(ctx.out_dir / "_data", ignore_errors=True)
-        report.update(_evaluate_saved(cfg, ctx, train_recs, eval_recs))
+        report = _evaluate_saved(cfg, ctx, train_recs, eval_recs)
     barrier()
     heldout = report.get("heldout") or {}
-    return {"model": str(ctx.out_dir), "saved": saved, "steps": steps, "resumed_from": resume, "data": stats,
-            "train_metrics": dict(result.metrics), "heldout_accuracy": heldout.get("accuracy"),
-            "heldout_mean_margin": heldout.get("mean_margin"), "distributed": dist, "attn_implementation": attn,
-            "lora": asdict(cfg.lora) if cfg.lora else None}
+    return {**summary, "data": stats, "heldout_accuracy": heldout.get("accuracy"),
+            "heldout_mean_margin": heldout.get("mean_margin")}
 
 
 def _evaluate_saved(cfg: RewardStageConfig, ctx: Any, train_recs: list[dict], eval_recs: list[dict]) -> dict:

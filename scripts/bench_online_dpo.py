@@ -32,7 +32,7 @@ SECTION = "## Online DPO and merging optimizer"
 def bench_episodes(tiny: Path, work: Path, backends: list[str], episodes: int, prompts: int, n: int,
                    max_tokens: int) -> list[dict]:
     """Run the stage per backend; mean seconds per episode of each phase (first episode excluded when >1)."""
-    from posttrain.recipe import Recipe
+    from posttrain.stages import recipe_from_dict
 
     data = work / "prompts.jsonl"
     words = ["colors", "the sea", "a tree", "the moon", "a dog", "rain", "music", "a city"]
@@ -41,7 +41,7 @@ def bench_episodes(tiny: Path, work: Path, backends: list[str], episodes: int, p
     rows = []
     for b in backends:
         stage = {"kind": "online_dpo", "input": str(data), "model": str(tiny), "reward_model": str(tiny / "reward"),
-                 "episodes": episodes, "prompts_per_episode": prompts, "learning_rate": 1e-4, "batch_size": 8,
+                 "episodes": episodes, "prompts_per_episode": prompts, "train": {"learning_rate": 1e-4}, "batch_size": 8,
                  "sampling": {"n": n, "temperature": 1.0, "max_tokens": max_tokens}, "checkpoint_every": 0}
         if b == "hf-copy":
             stage.update(sampler={"backend": "hf"}, share_weights=False)
@@ -49,7 +49,7 @@ def bench_episodes(tiny: Path, work: Path, backends: list[str], episodes: int, p
             stage.update(sampler={"backend": "vllm", "max_model_len": 1024})
         out = work / b
         t = time.time()
-        Recipe.from_dict({"output_dir": str(out), "stages": [stage]}, work / "bench.yaml").run()
+        recipe_from_dict({"output_dir": str(out), "stages": [stage]}, work / "bench.yaml").run()
         wall = time.time() - t
         ms = [json.loads(x) for x in (out / "online_dpo" / "metrics.jsonl").read_text().splitlines()]
         steady = ms[1:] if len(ms) > 1 else ms
@@ -68,7 +68,7 @@ def bench_optimizer(hidden: int, layers: int, steps: int, batch: int, seq: int) 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from posttrain.merging import MergingConfig, wrap_optimizer
+    from posttrain.core.merging import MergingConfig, wrap_optimizer
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = Qwen2Config(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
@@ -180,7 +180,7 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     machine = _machine()
-    from posttrain.tiny import make_tiny_model
+    from posttrain.core.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

@@ -22,8 +22,8 @@ def main() -> None:
     ap.add_argument("--backends", default="hf,vllm")
     a = ap.parse_args()
 
-    from posttrain.sampling import SamplerConfig, SamplingParams
-    from posttrain.tiny import make_tiny_model
+    from posttrain.core.sampling import SamplerConfig, SamplingParams
+    from posttrain.core.tiny import make_tiny_model
 
     model = str(make_tiny_model(tempfile.mkdtemp() + "/tiny", reward=False))
     prompts = [[{"role": "user", "content": f"What is {i} + {2 * i}? Explain step by step."}] for i in range(a.prompts)]
@@ -32,11 +32,11 @@ def main() -> None:
     samplers = {}
     for b in a.backends.split(","):
         if b == "hf":
-            from posttrain.sampling.hf import HFSampler
+            from posttrain.core.sampling.hf import HFSampler
 
             samplers[b] = HFSampler(model, cfg=SamplerConfig(batch_size=a.prompts))
         elif b == "vllm":
-            from posttrain.sampling.vllm_backend import VLLMSampler
+            from posttrain.core.sampling.vllm_backend import VLLMSampler
 
             samplers[b] = VLLMSampler(model, cfg=SamplerConfig(backend="vllm", max_model_len=1024))
     for s in samplers.values():  # warm-up

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_synthesis.sandbox import SandboxLimits, SandboxPool, call_function, isolation_info, run_code  # noqa: E402
+from reward.sandbox import SandboxLimits, SandboxPool, call_function, isolation_info, run_code  # noqa: E402
 
 SOLUTION = """
 def is_prime(n):

@@ -72,13 +72,13 @@ def main() -> int:
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from data_synthesis.instag import parse_tags, tag_prompt
-    from posttrain.records import iter_records
-    from posttrain.sampling.base import SamplerConfig, SamplingParams
-    from posttrain.sampling.vllm_backend import VLLMSampler
+    from posttrain.core.records import iter_records
+    from posttrain.core.sampling.base import SamplerConfig, SamplingParams
+    from posttrain.core.sampling.vllm_backend import VLLMSampler
 
     model = a.model
     if model is None:
-        from posttrain.tiny import make_tiny_model
+        from posttrain.core.tiny import make_tiny_model
 
         model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "model"))
     texts = [r["prompt"][-1]["content"] for r in iter_records(ROOT / "recipes" / "data" / "instructions.jsonl")]

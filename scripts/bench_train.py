@@ -124,7 +124,9 @@ def bench_packing(model_dir: Path, work: Path, steps: int, n_rows: int, rounds: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.sft import SFTStageConfig, TrainArgs, build_sft_trainer, prepare_rows, training_template
+    from posttrain.core.chat import training_template
+    from posttrain.core.trainkit import TrainArgs
+    from posttrain.trainers.sft import SFTStageConfig, build_sft_trainer, prepare_rows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     convs = mixed_conversations(tok, n_rows)
@@ -164,7 +166,7 @@ def bench_dpo(model_dir: Path, work: Path, steps: int, rounds: int = 2) -> dict:
     """DPO step time: precomputed reference log-probs vs a live reference model."""
     from transformers import AutoTokenizer
 
-    from posttrain.dpo import DPOStageConfig, DPOTrainArgs, build_dpo_trainer
+    from posttrain.trainers.dpo import DPOStageConfig, DPOTrainArgs, build_dpo_trainer
     from tests.test_dpo import make_prefs
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -196,7 +198,8 @@ def _mem_child(mode: str, tokens: int, model_dir: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from posttrain.sft import SFTStageConfig, TrainArgs, build_sft_trainer
+    from posttrain.core.trainkit import TrainArgs
+    from posttrain.trainers.sft import SFTStageConfig, build_sft_trainer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -232,7 +235,7 @@ def bench_memory(work: Path, tokens: int) -> dict:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from posttrain.tiny import make_tiny_model
+    from posttrain.core.tiny import make_tiny_model
 
     small = make_tiny_model(work / "tok", reward=False)
     d = work / "vocab152k"
@@ -272,7 +275,7 @@ def main() -> None:
         return
     import torch
 
-    from posttrain.tiny import make_tiny_model
+    from posttrain.core.tiny import make_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model_dir = make_tiny_model(work / "tiny", reward=False)

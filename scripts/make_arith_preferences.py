@@ -1,6 +1,6 @@
 """Write a learnable synthetic preference set: correct vs wrong arithmetic answers.
 
-Output: a JSONL file of preference records (``posttrain.records`` format).
+Output: a JSONL file of preference records (``posttrain.core.records`` format).
 Each prompt asks for a sum or a difference of two-digit numbers (10..49);
 ``chosen`` states the correct equation, ``rejected`` the same equation with the
 result of the wrong operation (the product for a sum, the sum for a
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from posttrain.records import preference, write_records  # noqa: E402
+from posttrain.core.records import preference, write_records  # noqa: E402
 
 
 def arith_preferences(n: int = 200, seed: int = 0, low: int = 10, high: int = 49) -> list[dict]:

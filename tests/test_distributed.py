@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.records import write_records
+from posttrain.core.records import write_records
 from tests.conftest import free_port
 from tests.test_dpo import make_prefs
 from tests.test_sft import make_demos
@@ -43,11 +43,11 @@ def _losses(run: Path, stage: str) -> list[float]:
 
 @pytest.mark.slow
 def test_zero2_zero3_two_processes_match_single(tiny_model_dir, tmp_path):
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe, recipe_from_dict
 
     write_records(tmp_path / "demos.jsonl", make_demos(16))
     write_records(tmp_path / "prefs.jsonl", make_prefs(12))
-    single = Recipe.load(_recipe(tmp_path, tiny_model_dir, 2, "single")).run()
+    single = load_recipe(_recipe(tmp_path, tiny_model_dir, 2, "single")).run()
     assert single["sft"]["summary"]["distributed"]["world_size"] == 1
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
                TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"), TOKENIZERS_PARALLELISM="false",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.records import preference, write_records
+from posttrain.core.records import preference, write_records
 
 
 def make_prefs(n: int, seed: int = 0, same: int = 0) -> list[dict]:
@@ -34,9 +34,9 @@ def dpo_recipe(tmp: Path, model: Path, data: Path, **stage) -> dict:
 
 
 def run_recipe(d: dict, tmp: Path) -> dict:
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe, recipe_from_dict
 
-    return Recipe.from_dict(d, tmp / "recipe.yaml").run()
+    return recipe_from_dict(d, tmp / "recipe.yaml").run()
 
 
 def read_log(p: Path) -> list[dict]:
@@ -105,7 +105,7 @@ def test_lora_dpo_reference_is_disabled_adapter(tiny_model_dir, tmp_path):
 
 
 def test_merging_optimizer_hook_and_other_loss_type(tiny_model_dir, perturbed_model, tmp_path):
-    pytest.importorskip("posttrain.merging")
+    pytest.importorskip("posttrain.core.merging")
     data = tmp_path / "prefs.jsonl"
     write_records(data, make_prefs(8))
     res = run_recipe(dpo_recipe(tmp_path, tiny_model_dir, data, train={"max_steps": 2}, loss_type=["ipo"],
@@ -123,8 +123,8 @@ def test_bad_preference_input(tiny_model_dir, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from posttrain.dpo import DPOStageConfig, build_dpo_trainer
-    from posttrain.sft import BadInput
+    from posttrain.trainers.dpo import DPOStageConfig, build_dpo_trainer
+    from posttrain.core.errors import BadInput
 
     same = tmp_path / "same.jsonl"
     write_records(same, make_prefs(3, same=3))

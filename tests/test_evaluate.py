@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from posttrain.config import build
-from posttrain.evaluate import EvalConfig, evaluate, format_table, label_of
-from posttrain.records import write_records
-from posttrain.sampling.scripted import ScriptedSampler
-from posttrain.tasks import answer_ok, final_answer, format_ok
+from posttrain.core.config import build
+from posttrain.evaluation.evaluate import EvalConfig, evaluate, format_table, label_of
+from posttrain.core.records import write_records
+from posttrain.core.sampling.scripted import ScriptedSampler
+from reward.answers import answer_ok, final_answer, format_ok
 
 RECORDS = [
     {"id": "m1", "prompt": "Tom has 2 pens and gets 3 more. How many pens?", "meta": {"answer": 5}},
@@ -55,7 +55,7 @@ def test_evaluate_scores_every_verifier_kind(tmp_path, tiny_model_dir):
 
 
 def test_eval_config_is_strict(tmp_path):
-    from posttrain.config import ConfigError
+    from posttrain.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="labels has 2 entries for 1 checkpoints"):
         build(EvalConfig, {"input": "x", "checkpoints": ["a"], "labels": ["a", "b"]}, "", "r.yaml")

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from data_synthesis.evolve import check_evolution, clean_output, pick_operation
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 P = "Write a poem about the sea."
 
@@ -69,7 +69,7 @@ def _run(tmp_path, sampler, **stage):
         for i, t in enumerate(["Write a poem about the sea.", "Tell me a joke.", "Name three colors."]):
             f.write(json.dumps({"id": f"i{i}", "prompt": [{"role": "user", "content": t}]}) + "\n")
     data = {"output_dir": str(tmp_path / "run"), "stages": [{"kind": "evolve", "input": str(inp), "rounds": 2, **stage}]}
-    return Recipe.from_dict(data, tmp_path / "r.yaml").run(sampler=sampler)["evolve"]["summary"]
+    return recipe_from_dict(data, tmp_path / "r.yaml").run(sampler=sampler)["evolve"]["summary"]
 
 
 def test_evolve_stage_rounds_levels_and_failures(tmp_path):

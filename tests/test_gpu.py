@@ -18,9 +18,9 @@ PROMPTS = [[{"role": "user", "content": "What is 12 + 7?"}], [{"role": "user", "
 
 
 def test_vllm_on_cuda_greedy_equals_hf(tiny_model_dir):
-    from posttrain.sampling import SamplerConfig, SamplingParams
-    from posttrain.sampling.hf import HFSampler
-    from posttrain.sampling.vllm_backend import VLLMSampler
+    from posttrain.core.sampling import SamplerConfig, SamplingParams
+    from posttrain.core.sampling.hf import HFSampler
+    from posttrain.core.sampling.vllm_backend import VLLMSampler
 
     params = SamplingParams(temperature=0.0, max_tokens=12)
     hf = HFSampler(str(tiny_model_dir), cfg=SamplerConfig(device="cuda", dtype="float32"))
@@ -38,7 +38,9 @@ def test_packed_sft_with_flash_attention_matches_per_sequence(tiny_model_dir, tm
     import torch
     from transformers import AutoTokenizer
 
-    from posttrain.sft import SFTStageConfig, TrainArgs, build_sft_trainer, prepare_rows, training_template
+    from posttrain.trainers.sft import SFTStageConfig, build_sft_trainer, prepare_rows
+    from posttrain.core.trainkit import TrainArgs
+    from posttrain.core.chat import training_template
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows, _ = prepare_rows(make_demos(12, seed=3, long_every=4), tok, training_template(tok), 512, "drop", True, "m")
@@ -58,7 +60,7 @@ def test_packed_sft_with_flash_attention_matches_per_sequence(tiny_model_dir, tm
 
 
 def test_sft_stage_trains_on_gpu(tiny_model_dir, tmp_path):
-    from posttrain.records import write_records
+    from posttrain.core.records import write_records
 
     data = tmp_path / "demos.jsonl"
     write_records(data, make_demos(40))

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from data_synthesis import if_feedback
-from data_synthesis.if_feedback import (CrossValConfig, cross_validate, evaluate_response, load_seeds, load_verifiers,
-                                        parse_verifier_reply, pass_rates, uses_network)
-from data_synthesis.sandbox import SandboxLimits, SandboxPool
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from data_synthesis.if_feedback import load_seeds, parse_verifier_reply
+from reward.if_verifiers import (CrossValConfig, cross_validate, evaluate_response, load_verifiers, pass_rates,
+                                 uses_network)
+from reward.sandbox import SandboxLimits, SandboxPool
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "recipes/data/if_seed_constraints.jsonl"
@@ -34,7 +35,7 @@ def pool():
 def run_recipe(tmp_path: Path, stages: list[dict], sampler, out: str = "out") -> dict:
     """Run stages through Recipe (with an injected sampler); return the manifests."""
     data = {"output_dir": str(tmp_path / out), "seed": 0, "stages": stages}
-    return Recipe.from_dict(data, tmp_path / "recipe.yaml").run(sampler=sampler)
+    return recipe_from_dict(data, tmp_path / "recipe.yaml").run(sampler=sampler)
 
 
 # ---------------------------------------------------------------- cross-validation, known outcomes
@@ -238,8 +239,8 @@ def test_stage_scripted(tmp_path, small_seeds):
         assert d["meta"]["pass_rate"] == 1.0
         v = next(v for v in verifiers if v["id"] == d["meta"]["instruction_id"])
         assert d["messages"][0]["content"].endswith("\n\n" + v["instruction"])
-    # held-out prompts for `posttrain eval`: one per kept constraint, scored by posttrain.evaluate
-    from posttrain.evaluate import if_pass_rate
+    # held-out prompts for `posttrain eval`: one per kept constraint, scored by posttrain.evaluation.evaluate
+    from reward.if_verifiers import evaluate_response as if_pass_rate
     ev = read_records(out / "eval_prompts.jsonl", "prompt")
     assert len(ev) == 3 and {e["meta"]["instruction_id"] for e in ev} == {v["id"] for v in verifiers}
     e = next(e for e in ev if e["meta"]["constraint"] == BANANA)

@@ -10,9 +10,9 @@ import pytest
 from data_synthesis import instag
 from data_synthesis.instag import (association_aggregate, normalize_tags, parse_tags, rule_aggregate, rule_key,
                                    semantic_aggregate, stem_word)
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 
 # ---------------------------------------------------------------- parsing
@@ -168,7 +168,7 @@ def _recipe(tmp_path, **stage):
     data = {"output_dir": str(tmp_path / "run"),
             "stages": [{"kind": "instag", "input": str(tmp_path / "ins.jsonl"), "max_retries": 1,
                         "steps": ["rule", "frequency"], **stage}]}
-    return Recipe.from_dict(data, tmp_path / "r.yaml")
+    return recipe_from_dict(data, tmp_path / "r.yaml")
 
 
 def test_instag_stage_tags_retries_and_counts_failures(tmp_path):
@@ -225,7 +225,7 @@ def test_instag_kill_and_resume(tmp_path):
 
 
 def test_instag_config_rejects_unknown_step(tmp_path):
-    from posttrain.config import ConfigError
+    from posttrain.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown step 'stemming'"):
         _recipe(tmp_path, steps=["stemming"])
@@ -251,8 +251,8 @@ def test_instag_survives_sigkill(tmp_path):
     code = f"""
 import sys, time
 sys.path.insert(0, {str(repo)!r})
-from posttrain.recipe import Recipe
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.sampling.scripted import ScriptedSampler
 from tests.test_instag import scripted_tagger
 
 class Hangs(ScriptedSampler):
@@ -261,7 +261,7 @@ class Hangs(ScriptedSampler):
             time.sleep(120)
         return super().generate(prompts, params)
 
-Recipe.load({str(recipe)!r}).run(sampler=Hangs(scripted_tagger))
+load_recipe({str(recipe)!r}).run(sampler=Hangs(scripted_tagger))
 """
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     raw = tmp_path / "run" / "instag" / "raw_tags.jsonl"
@@ -274,6 +274,6 @@ Recipe.load({str(recipe)!r}).run(sampler=Hangs(scripted_tagger))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     s = ScriptedSampler(scripted_tagger)
-    m = Recipe.load(recipe).run(sampler=s)["instag"]["summary"]
+    m = load_recipe(recipe).run(sampler=s)["instag"]["summary"]
     assert sum(len(c) for c in s.calls) == 4 and m["instructions"] == 6
     assert sorted(r["id"] for r in read_records(raw)) == [f"i{i}" for i in range(6)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.merging import (MergingConfig, check_model, merged_update, optimizer_class, sparsify,
+from posttrain.core.merging import (MergingConfig, check_model, merged_update, optimizer_class, sparsify,
                                sparsify_all, tau_from_checkpoints, wrap_optimizer)
 
 ROOT = Path(__file__).resolve().parents[1]

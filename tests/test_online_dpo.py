@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain import online_dpo
-from posttrain.losses import dpo_loss, sequence_logprobs
-from posttrain.recipe import Recipe
+from posttrain.core.weight_sync import SyncError
+from posttrain.trainers import online_dpo, online_loop
+from reward.sources import total_rewards
+from posttrain.core.losses import dpo_loss, sequence_logprobs
+from posttrain.stages import load_recipe, recipe_from_dict
 
 PROMPTS = ["What is 12 + 7?", "Name three colors.", "Write one short sentence about the sea.", "Count to five.",
            "What is 3 * 4?", "Say hello.", "Give me a number.", "Describe a tree."]
@@ -28,12 +30,13 @@ def _prompts(tmp_path: Path) -> Path:
     return p
 
 
-def _recipe(tmp_path: Path, model: Path, **stage) -> Recipe:
+def _recipe(tmp_path: Path, model: Path, **stage):
     st = {"kind": "online_dpo", "input": str(_prompts(tmp_path)), "model": str(model),
           "reward_functions": {f"{__name__}:e_reward": 1.0}, "unterminated_penalty": 0.0, "episodes": 2, "prompts_per_episode": 4,
-          "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 12}, "learning_rate": 1e-3, "batch_size": 4}
+          "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 12}, "train": {"learning_rate": 1e-3, "lr_schedule": "constant"},
+          "batch_size": 4}
     st.update(stage)
-    return Recipe.from_dict({"output_dir": str(tmp_path / "run"), "seed": 0, "stages": [st]}, tmp_path / "r.yaml")
+    return recipe_from_dict({"output_dir": str(tmp_path / "run"), "seed": 0, "stages": [st]}, tmp_path / "r.yaml")
 
 
 def _metrics(tmp_path: Path) -> list[dict]:
@@ -49,7 +52,7 @@ def test_pick_pairs_best_worst_and_skips():
 
 def test_total_rewards_weights_and_penalty():
     srcs = [("a", 2.0, lambda p, r, recs: [1.0, 0.0]), ("b", 0.5, lambda p, r, recs: [0.0, 4.0])]
-    tot, means = online_dpo.total_rewards(srcs, [[], []], ["x", "y"], [{}, {}], [True, False], penalty=1.5)
+    tot, means = total_rewards(srcs, [[], []], ["x", "y"], [{}, {}], [True, False], penalty=1.5)
     assert tot == [2.0, 0.5] and means == {"a": 0.5, "b": 2.0}
 
 
@@ -65,19 +68,19 @@ def test_dpo_loss_values():
 
 
 def test_config_errors():
-    from posttrain.config import ConfigError
+    from posttrain.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="reward"):
-        Recipe.from_dict({"output_dir": "x", "stages": [{"kind": "online_dpo", "input": __file__}]}, Path("r.yaml"))
+        recipe_from_dict({"output_dir": "x", "stages": [{"kind": "online_dpo", "input": __file__}]}, Path("r.yaml"))
     with pytest.raises(ConfigError, match="LoRA"):
-        Recipe.from_dict({"output_dir": "x", "stages": [{"kind": "online_dpo", "input": __file__, "reward_model": "m",
+        recipe_from_dict({"output_dir": "x", "stages": [{"kind": "online_dpo", "input": __file__, "reward_model": "m",
                                                          "lora": {"r": 2}, "merging": {}}]}, Path("r.yaml"))
 
 
 # ---------------------------------------------------------------- on the tiny model
 
 def test_online_dpo_raises_reward_and_saves_model(tiny_model_dir, tmp_path):
-    r = _recipe(tmp_path, tiny_model_dir, episodes=4, prompts_per_episode=8, learning_rate=3e-3,
+    r = _recipe(tmp_path, tiny_model_dir, episodes=4, prompts_per_episode=8, train={"learning_rate": 3e-3},
                 epochs_per_episode=4, sampling={"n": 6, "temperature": 1.0, "max_tokens": 12})
     res = r.run()
     m = _metrics(tmp_path)
@@ -119,29 +122,29 @@ def test_merging_and_lora_run(tiny_model_dir, tmp_path):
 
 def test_resume_at_episode_granularity(tiny_model_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = online_dpo._episode
+    real = online_loop.OnlineDPOLoop.episode
 
-    def dies_in_third(*a, **k):
+    def dies_in_third(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        return real(*a, **k)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(online_dpo, "_episode", dies_in_third)
+    monkeypatch.setattr(online_loop.OnlineDPOLoop, "episode", dies_in_third)
     r = _recipe(tmp_path, tiny_model_dir, episodes=3)
     with pytest.raises(KeyboardInterrupt):
         r.run()
     assert json.loads((tmp_path / "run" / "online_dpo" / "checkpoint" / "state.json").read_text())["episode"] == 2
-    monkeypatch.setattr(online_dpo, "_episode", real)
+    monkeypatch.setattr(online_loop.OnlineDPOLoop, "episode", real)
     r.run()
     assert [x["episode"] for x in _metrics(tmp_path)] == [0, 1, 2]
 
 
 def test_sync_check_catches_skipped_sync_hf(tiny_model_dir, tmp_path, monkeypatch):
     # A separate hf copy (not sharing the policy) must receive the weights; pretend the push was forgotten.
-    monkeypatch.setattr(online_dpo, "push_weights", lambda sampler, policy: None)
+    monkeypatch.setattr(online_loop, "push_weights", lambda sampler, policy: None)
     r = _recipe(tmp_path, tiny_model_dir, episodes=2, sampler={"backend": "hf"}, share_weights=False)
-    with pytest.raises(online_dpo.SyncError, match="after episode 0"):
+    with pytest.raises(SyncError, match="after episode 0"):
         r.run()
 
 
@@ -155,10 +158,10 @@ def test_vllm_sync_and_skipped_sync(tiny_model_dir, tmp_path, monkeypatch, vllm_
     assert m[0]["sync_logprob_diff"] < 1e-3 and m[0]["pairs"] > 0  # real push through collective_rpc verified
     # the injected engine is handed back with its starting weights
     assert max(abs(a - b) for a, b in zip(vllm_sampler.probe_logprobs(probe), before)) < 1e-4
-    monkeypatch.setattr(online_dpo, "push_weights", lambda sampler, policy: None)
+    monkeypatch.setattr(online_loop, "push_weights", lambda sampler, policy: None)
     (tmp_path / "skip").mkdir()
     r = _recipe(tmp_path / "skip", tiny_model_dir, episodes=1, prompts_per_episode=2)
-    with pytest.raises(online_dpo.SyncError, match="vllm sampler"):
+    with pytest.raises(SyncError, match="vllm sampler"):
         r.run(sampler=vllm_sampler)
     assert max(abs(a - b) for a, b in zip(vllm_sampler.probe_logprobs(probe), before)) < 1e-4
 

@@ -1,15 +1,16 @@
 """Strict recipes: one-line errors naming file and key, overrides, resume, every shipped recipe validates."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from posttrain.config import ConfigError
-from posttrain.recipe import Recipe
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.core.config import ConfigError
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def good(tmp_path, data):
 
 
 def test_good_recipe_loads(tmp_path, data):
-    r = Recipe.load(write(tmp_path, good(tmp_path, data)))
+    r = load_recipe(write(tmp_path, good(tmp_path, data)))
     assert [s.name for s in r.stages] == ["tiny", "generate"]
     assert r.stages[1].config.sampling.n == 2 and r.stages[1].config.sampling.temperature == 0.5
 
@@ -65,7 +66,7 @@ def test_bad_recipes_name_file_and_key(tmp_path, data, edit, key, expect):
     text = good(tmp_path, data).replace(*edit)
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
-        Recipe.load(p)
+        load_recipe(p)
     msg = str(e.value)
     assert str(p) in msg and key in msg and expect in msg and "\n" not in msg
 
@@ -74,66 +75,66 @@ def test_missing_required_key(tmp_path, data):
     text = good(tmp_path, data).replace(f"    input: {data}\n", "")
     p = write(tmp_path, text)
     with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].input: missing required key"):
-        Recipe.load(p)
+        load_recipe(p)
     p = write(tmp_path, "stages: []\n")
     with pytest.raises(ConfigError, match=r"r.yaml: output_dir: missing required key"):
-        Recipe.load(p)
+        load_recipe(p)
 
 
 def test_missing_input_file(tmp_path, data):
     p = write(tmp_path, good(tmp_path, tmp_path / "nope.jsonl"))
     with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].input: input file not found: .*nope.jsonl"):
-        Recipe.load(p)
+        load_recipe(p)
 
 
 def test_stage_reference_must_be_earlier(tmp_path, data):
     text = good(tmp_path, "'@later/records.jsonl'")
     with pytest.raises(ConfigError, match=r"stages\[1\].input: '@later/records.jsonl' must name an earlier stage"):
-        Recipe.load(write(tmp_path, text))
+        load_recipe(write(tmp_path, text))
 
 
 def test_yaml_syntax_error_gives_line(tmp_path, data):
     text = good(tmp_path, data).replace("      n: 2", "      n: [2")
     with pytest.raises(ConfigError, match=r"r.yaml:\d+: YAML syntax error"):
-        Recipe.load(write(tmp_path, text))
+        load_recipe(write(tmp_path, text))
 
 
 def test_overrides(tmp_path, data):
     p = write(tmp_path, good(tmp_path, data))
-    r = Recipe.load(p, ["stages[1].sampling.n=4", "stages.generate.sampling.temperature=7e-1", "seed=3"])
+    r = load_recipe(p, ["stages[1].sampling.n=4", "stages.generate.sampling.temperature=7e-1", "seed=3"])
     assert r.stages[1].config.sampling.n == 4 and r.stages[1].config.sampling.temperature == 0.7
     assert r.file.seed == 3
     with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].sampling.n: expected an integer"):
-        Recipe.load(p, ["stages[1].sampling.n=many"])
+        load_recipe(p, ["stages[1].sampling.n=many"])
     with pytest.raises(ConfigError, match=r"r.yaml: stages\[1\].sampling.nn: unknown key"):
-        Recipe.load(p, ["stages.generate.sampling.nn=1"])
+        load_recipe(p, ["stages.generate.sampling.nn=1"])
     with pytest.raises(ConfigError, match="no stage named 'nope'"):
-        Recipe.load(p, ["stages.nope.x=1"])
+        load_recipe(p, ["stages.nope.x=1"])
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
-        Recipe.load(p, ["seed"])
+        load_recipe(p, ["seed"])
 
 
 def test_run_writes_resolved_recipe_and_resumes(tmp_path, data):
     p = write(tmp_path, good(tmp_path, data))
     calls = []
     sampler = ScriptedSampler(lambda prompt, j: calls.append(1) or f"answer {j}")
-    r = Recipe.load(p)
+    r = load_recipe(p)
     res = r.run(sampler=sampler)
     out = tmp_path / "out"
     assert (out / "recipe.resolved.yaml").exists() and (out / "generate" / "manifest.json").exists()
     assert res["generate"]["summary"]["records"] == 6 and len(calls) == 6
     # re-run: both stages are complete and skipped, nothing sampled again
-    Recipe.load(p).run(sampler=sampler)
+    load_recipe(p).run(sampler=sampler)
     assert len(calls) == 6
     # a killed stage (no manifest) resumes: written ids are not sampled again
     (out / "generate" / "manifest.json").unlink()
     lines = (out / "generate" / "records.jsonl").read_text().splitlines()
     (out / "generate" / "records.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
-    Recipe.load(p).run(sampler=sampler)
+    load_recipe(p).run(sampler=sampler)
     recs = [json.loads(x) for x in (out / "generate" / "records.jsonl").read_text().splitlines()]
     assert len(recs) == 6 and len({x["id"] for x in recs}) == 6
     # changed config: the old output is moved aside, never deleted
-    Recipe.load(p, ["stages.generate.limit=1"]).run(sampler=sampler)
+    load_recipe(p, ["stages.generate.limit=1"]).run(sampler=sampler)
     assert list(out.glob("generate.old-*/records.jsonl"))
     assert len((out / "generate" / "records.jsonl").read_text().splitlines()) == 2
 
@@ -149,9 +150,42 @@ RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.y
                  if "accelerate" not in p.parts and "data" not in p.parts)  # recipes/data holds inputs, not recipes
 
 
+def _hub_ids(path: Path) -> set[str]:
+    """Every value of a recipe that names a hub model (org/name, not a local path)."""
+    import yaml
+
+    from posttrain.core.modelref import looks_like_hub_id
+
+    found: set[str] = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and looks_like_hub_id(x) and not (path.parent / x).exists():
+            found.add(x)
+    walk(yaml.safe_load(path.read_text()))
+    return found
+
+
 @pytest.mark.parametrize("path", RECIPES)
-def test_every_shipped_recipe_validates(path):
-    Recipe.load(ROOT / path)
+def test_every_shipped_recipe_validates(path, hub_cache):
+    # model references included: hub ids resolve through the (here: local) Hugging Face cache
+    hub_cache({repo: None for repo in _hub_ids(ROOT / path)})
+    load_recipe(ROOT / path)
+
+
+def test_unresolvable_model_reference_is_one_line_naming_the_key(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"), PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "validate", "recipes/qwen2/7b.yaml"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith("error: recipes/qwen2/7b.yaml: model.path: cannot resolve model reference: 'Qwen/Qwen2-7B'")
 
 
 def test_cli_overrides_may_follow_options(tmp_path, data, capsys):
@@ -162,7 +196,7 @@ def test_cli_overrides_may_follow_options(tmp_path, data, capsys):
     assert main(["validate", str(p), "stages.generate.limit=x"]) == 2
     assert "stages[1].limit: expected an integer" in capsys.readouterr().err
     sampler_calls = []
-    import posttrain.recipe as rmod
+    import posttrain.core.recipe as rmod
 
     orig = rmod.Recipe.run
     rmod.Recipe.run = lambda self, only=None, force=False, sampler=None: sampler_calls.append((only, self.file.seed)) or {}

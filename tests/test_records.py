@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from posttrain.records import (RecordError, RecordWriter, demonstration, iter_records, preference, read_records,
+from posttrain.core.records import (RecordError, RecordWriter, demonstration, iter_records, preference, read_records,
                                to_chat_prompt, write_records)
 
 U = [{"role": "user", "content": "hi"}]
@@ -83,7 +83,7 @@ def test_writer_refuses_corrupt_middle_line(tmp_path):
 
 
 def test_prompt_records_accept_strings():
-    from posttrain.records import validate
+    from posttrain.core.records import validate
 
     r = validate({"prompt": "What is 2+2?"}, "prompt")
     assert r["prompt"] == [{"role": "user", "content": "What is 2+2?"}] and r["id"]

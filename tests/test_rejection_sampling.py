@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from data_synthesis import math_verify as mv
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from data_synthesis import paths
+from reward import answers as mv
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "recipes/data/math_problems.jsonl"
@@ -60,7 +61,7 @@ def test_is_correct_and_reference_reduction():
     assert mv.reference_answer("Step one.\n#### 1,000") == "1,000"
     assert mv.is_correct("12 * 5 = 60 so \\boxed{60}", "Some solution #### 60")
     assert not mv.is_correct("I don't know", "60")
-    assert mv.pass_at_k(4, 1, 1) == 0.25 and mv.pass_at_k(4, 1, 4) == 1.0 and mv.pass_at_k(4, 0, 4) == 0.0
+    assert paths.pass_at_k(4, 1, 1) == 0.25 and paths.pass_at_k(4, 1, 4) == 1.0 and paths.pass_at_k(4, 0, 4) == 0.0
 
 
 def test_equation_signature_and_diverse_selection():
@@ -68,11 +69,11 @@ def test_equation_signature_and_diverse_selection():
     b = "first 3*4=12,  then 12+5 = 17 . So \\boxed{17}!"  # same computation, other spacing
     c = "Add five to twelve after multiplying three by four: seventeen, \\boxed{17}"
     d = "4 × 3 = 12 and 5 + 12 = 17 \\boxed{17}"
-    assert mv.equation_signature(a) == ("3*4=12", "12+5=17") == mv.equation_signature(b)
-    assert mv.similarity(a, b) == 1.0 and mv.similarity(a, c) < 0.9
-    picked = mv.select_diverse([a, b, c, d], 2)
+    assert paths.equation_signature(a) == ("3*4=12", "12+5=17") == paths.equation_signature(b)
+    assert paths.similarity(a, b) == 1.0 and paths.similarity(a, c) < 0.9
+    picked = paths.select_diverse([a, b, c, d], 2)
     assert picked[0] == 0 and 1 not in picked and len(picked) == 2
-    assert mv.select_diverse([a, b, c, d], 10) == [0, 2, 3] or sorted(mv.select_diverse([a, b, c, d], 10)) == [0, 2, 3]
+    assert paths.select_diverse([a, b, c, d], 10) == [0, 2, 3] or sorted(paths.select_diverse([a, b, c, d], 10)) == [0, 2, 3]
 
 
 # ---------------------------------------------------------------- the stage with a scripted sampler
@@ -103,11 +104,11 @@ def scripted(prompt, j):
     ][j % 6]
 
 
-def recipe(tmp_path, **stage) -> Recipe:
+def recipe(tmp_path, **stage):
     st = {"kind": "rejection_sampling", "name": "rs", "input": str(MATH), "k": 6, "chunk_size": 8,
           "sampling": {"max_tokens": 64}, **stage}
     data = {"output_dir": str(tmp_path / "out"), "model": {"path": "unused"}, "stages": [st]}
-    return Recipe.from_dict(data, tmp_path / "r.yaml")
+    return recipe_from_dict(data, tmp_path / "r.yaml", check_models=False)  # the sampler is injected
 
 
 def test_stage_keeps_verified_diverse_paths(tmp_path):
@@ -167,9 +168,11 @@ def test_problems_without_reference_are_skipped_or_best_of_n(tmp_path, monkeypat
 
     monkeypatch.setitem(sys.modules, "reward.scorer", types.SimpleNamespace(RewardScorer=FakeScorer))
     sampler = ScriptedSampler(lambda p, j: "x" * (j + 1))
-    res = recipe(tmp_path / "b", input=str(data), reward_model="rm-path", k=4).run(sampler=sampler)
+    rm = tmp_path / "rm-path"
+    rm.mkdir()
+    res = recipe(tmp_path / "b", input=str(data), reward_model=str(rm), k=4).run(sampler=sampler)
     s = res["rs"]["summary"]
-    assert calls == ["rm-path"] and s["best_of_n"] == 3 and s["demonstrations"] == 3 and s["preferences"] == 3
+    assert calls == [str(rm)] and s["best_of_n"] == 3 and s["demonstrations"] == 3 and s["preferences"] == 3
     prefs = read_records(tmp_path / "b/out/rs/preferences.jsonl")
     assert all(p["chosen"][0]["content"] == "xxxx" and p["rejected"][0]["content"] == "x" for p in prefs)
     assert all(p["margin"] == 3.0 for p in prefs)
@@ -211,7 +214,7 @@ def test_kill_and_resume(tmp_path):
 
 
 def test_bad_config_is_one_line_error(tmp_path):
-    from posttrain.config import ConfigError
+    from posttrain.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="extractors"):
         recipe(tmp_path, extractors=["boxed", "magic"])

@@ -10,9 +10,9 @@ import pytest
 
 from data_synthesis.repurpose import (answer_prompt, chunk_text, clean_instruction, load_character, parse_queries,
                                       parse_work, role_system)
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT = ROOT / "recipes/data/literary"
@@ -22,7 +22,7 @@ CHARS = ROOT / "recipes/data/characters"
 def run_recipe(tmp_path: Path, stages: list[dict], sampler, out: str = "out") -> dict:
     """Run stages through Recipe (with an injected sampler); return the manifests."""
     data = {"output_dir": str(tmp_path / out), "seed": 0, "stages": stages}
-    return Recipe.from_dict(data, tmp_path / "recipe.yaml").run(sampler=sampler)
+    return recipe_from_dict(data, tmp_path / "recipe.yaml").run(sampler=sampler)
 
 
 # ---------------------------------------------------------------- pure parts

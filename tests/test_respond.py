@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 
 def test_respond_stage_builds_tasks_with_labels(tmp_path):
@@ -25,7 +25,7 @@ def test_respond_stage_builds_tasks_with_labels(tmp_path):
         "generators": [{"label": "greedy", "sampling": {"n": 1, "temperature": 0.0, "max_tokens": 16}},
                        {"label": "hot", "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 16}}]}]}
     s = ScriptedSampler(answer)
-    st = Recipe.from_dict(data, tmp_path / "r.yaml").run(sampler=s)["respond"]["summary"]
+    st = recipe_from_dict(data, tmp_path / "r.yaml").run(sampler=s)["respond"]["summary"]
     assert [len(c) for c in s.calls] == [3, 3]  # one call per generator, all instructions at once
     assert st["tasks"] == 2 and st["skipped_too_few"] == 1  # "Echo." has one distinct response
     tasks = read_records(tmp_path / "run" / "respond" / "tasks.jsonl")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.records import RecordError, preference, read_records, write_records
+from posttrain.core.records import RecordError, preference, read_records, write_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,9 +34,9 @@ def reward_recipe(tmp: Path, model: Path | str, data: Path, **stage) -> dict:
 
 
 def run_recipe(d: dict, tmp: Path) -> dict:
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe, recipe_from_dict
 
-    return Recipe.from_dict(d, tmp / "recipe.yaml").run()
+    return recipe_from_dict(d, tmp / "recipe.yaml").run()
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -192,7 +192,7 @@ def test_margin_column_reaches_the_loss(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from reward.train import RewardStageConfig, bradley_terry_loss, build_reward_trainer, tokenize_pairs
-    from posttrain.config import build
+    from posttrain.core.config import build
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     recs = arith_module().arith_preferences(4, seed=3)
@@ -291,8 +291,8 @@ def test_shipped_preference_file_matches_its_script(tmp_path):
 
 
 def test_shipped_recipe_validates():
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe, recipe_from_dict
 
-    r = Recipe.load(ROOT / "recipes" / "examples" / "reward_tiny.yaml")
+    r = load_recipe(ROOT / "recipes" / "examples" / "reward_tiny.yaml")
     assert [s.kind for s in r.stages] == ["make_tiny_model", "reward"]
     assert os.path.basename(r.stages[1].config.input) == "arith_preferences.jsonl"

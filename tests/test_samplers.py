@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from posttrain.sampling import SamplerConfig, SamplingParams
-from posttrain.sampling.openai_backend import OpenAISampler, OpenAIServerError
+from posttrain.core.sampling import SamplerConfig, SamplingParams
+from posttrain.core.sampling.openai_backend import OpenAISampler, OpenAIServerError
 from tests.conftest import free_port
 
 PROMPTS = [[{"role": "user", "content": "What is 12 + 7?"}],

@@ -19,8 +19,8 @@ import uuid
 
 import pytest
 
-from data_synthesis import sandbox as sb
-from data_synthesis.sandbox import SandboxLimits, SandboxPool, call_function, run_code
+from reward import sandbox as sb
+from reward.sandbox import SandboxLimits, SandboxPool, call_function, run_code
 
 ISOLATED = sb.isolation_info()["mode"] in ("namespaces", "userns")
 

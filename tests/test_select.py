@@ -8,9 +8,9 @@ import pytest
 
 from data_synthesis.selection import (complexity_first_diverse, completeness_checks, completeness_score, parse_judgement,
                                    richness_score)
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
-from posttrain.sampling.scripted import ScriptedSampler
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
+from posttrain.core.sampling.scripted import ScriptedSampler
 
 # index: tags
 HAND = [
@@ -83,7 +83,7 @@ def _tagged(tmp_path):
 def _run(tmp_path, sampler=None, **stage):
     data = {"output_dir": str(tmp_path / "run"), "seed": 1,
             "stages": [{"kind": "select", "input": str(_tagged(tmp_path)), **stage}]}
-    return Recipe.from_dict(data, tmp_path / "r.yaml").run(sampler=sampler)["select"]["summary"]
+    return recipe_from_dict(data, tmp_path / "r.yaml").run(sampler=sampler)["select"]["summary"]
 
 
 def test_select_stage_report_and_records(tmp_path):
@@ -120,7 +120,7 @@ def test_select_llm_scoring_with_fallback(tmp_path):
 
 
 def test_select_rejects_bad_budget(tmp_path):
-    from posttrain.config import ConfigError
+    from posttrain.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="budget"):
         _run(tmp_path, budget=0)

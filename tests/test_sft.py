@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.records import demonstration, write_records
+from posttrain.core.records import demonstration, write_records
 
 
 def make_demos(n: int, seed: int = 0, system: bool = True, long_every: int = 0) -> list[dict]:
@@ -37,9 +37,9 @@ def sft_recipe(tmp: Path, model: Path, data: Path, **stage) -> dict:
 
 
 def run_recipe(d: dict, tmp: Path) -> dict:
-    from posttrain.recipe import Recipe
+    from posttrain.stages import load_recipe, recipe_from_dict
 
-    return Recipe.from_dict(d, tmp / "recipe.yaml").run()
+    return recipe_from_dict(d, tmp / "recipe.yaml").run()
 
 
 def read_log(p: Path) -> list[dict]:
@@ -56,7 +56,7 @@ def tok(tiny_model_dir):
 # ---------------------------------------------------------------- pure parts
 
 def test_assistant_only_mask_token_by_token(tok):
-    from posttrain.sft import tokenize_conversation, training_template
+    from posttrain.core.chat import tokenize_conversation, training_template
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
             {"role": "assistant", "content": "2 + 3 = 5"}, {"role": "user", "content": "And 4 + 4?"},
@@ -85,7 +85,7 @@ def test_assistant_only_mask_token_by_token(tok):
 
 
 def test_lr_multiplier_endpoints():
-    from posttrain.sft import lr_multiplier
+    from posttrain.core.trainkit import lr_multiplier
 
     for shape in ("linear", "cosine"):
         assert lr_multiplier(0, 50, 0, 0.1, shape) == 1.0
@@ -97,7 +97,9 @@ def test_lr_multiplier_endpoints():
 
 
 def test_prepare_rows_counts_overlong_and_missing_assistant(tok):
-    from posttrain.sft import BadInput, prepare_rows, training_template
+    from posttrain.trainers.sft import prepare_rows
+    from posttrain.core.chat import training_template
+    from posttrain.core.errors import BadInput
 
     recs = make_demos(10, long_every=5)
     recs.append(demonstration([{"role": "user", "content": "no answer here"}], source="t"))
@@ -117,7 +119,8 @@ def test_prepare_rows_counts_overlong_and_missing_assistant(tok):
 def test_tokenizer_without_chat_template(tok):
     import copy
 
-    from posttrain.sft import BadInput, training_template
+    from posttrain.core.chat import training_template
+    from posttrain.core.errors import BadInput
 
     t2 = copy.deepcopy(tok)
     t2.chat_template = None
@@ -131,7 +134,9 @@ def test_tokenizer_without_chat_template(tok):
 def test_packed_logits_equal_per_sequence(tiny_model_dir, tok, tmp_path):
     import torch
 
-    from posttrain.sft import SFTStageConfig, TrainArgs, build_sft_trainer, prepare_rows, training_template
+    from posttrain.trainers.sft import SFTStageConfig, build_sft_trainer, prepare_rows
+    from posttrain.core.trainkit import TrainArgs
+    from posttrain.core.chat import training_template
 
     rows, _ = prepare_rows(make_demos(12, seed=3, long_every=4), tok, training_template(tok), 512, "drop", True, "m")
     cfg = SFTStageConfig(input="x", max_length=512, train=TrainArgs(max_steps=1))
@@ -202,7 +207,7 @@ def test_resume_gives_same_weights(tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from posttrain import sft
+    from posttrain.trainers import sft
 
     data = tmp_path / "demos.jsonl"
     write_records(data, make_demos(24))
@@ -262,7 +267,7 @@ def test_lora_merge_and_save(tiny_model_dir, tmp_path):
 
 
 def test_bad_input_errors_before_training(tiny_model_dir, tmp_path):
-    from posttrain.sft import BadInput
+    from posttrain.core.errors import BadInput
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

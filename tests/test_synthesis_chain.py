@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from data_synthesis.annotate_app import load_tasks
-from posttrain.recipe import Recipe
-from posttrain.records import read_records
+from posttrain.stages import load_recipe, recipe_from_dict
+from posttrain.core.records import read_records
 
 DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "instructions.jsonl"
 
@@ -28,7 +28,7 @@ def test_annotation_chain_on_tiny_model_with_vllm(vllm_sampler, tmp_path):
              "generators": [{"label": "greedy", "sampling": {"n": 1, "temperature": 0.0, "max_tokens": 24}},
                             {"label": "hot", "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 24, "seed": 3}}]},
         ]}
-    res = Recipe.from_dict(data, tmp_path / "r.yaml").run(sampler=vllm_sampler)
+    res = recipe_from_dict(data, tmp_path / "r.yaml").run(sampler=vllm_sampler)
     out = tmp_path / "run"
 
     tag = res["instag"]["summary"]

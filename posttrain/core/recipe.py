@@ -1,0 +1,375 @@
+"""Recipes: one YAML file describing a run, loaded strictly, overridable, resumable.
+
+Input: a YAML file with shared sections (``model``, ``tokenizer``, ``sampler``,
+``output_dir``, ``seed``) and an ordered ``stages`` list; each stage has a
+``kind`` (a key of the stage table the caller passes in: ``posttrain.stages.STAGES``
+for the CLI), an optional ``name`` (default: the kind) and the keys of that kind's
+config dataclass. ``key.path=value``
+overrides (``stages[2].learning_rate=1e-5`` or ``stages.sft.learning_rate=...``)
+are applied to the parsed YAML and validated the same way.
+
+Paths: a value ``@NAME`` or ``@NAME/sub/path`` points into the output folder
+of stage NAME (``OUTPUT_DIR/NAME``), which must come earlier in the list.
+Other relative input paths are looked up from the working directory, then
+from the recipe's folder; a missing input file is a validation error. Model
+keys (``key(..., model=True)``) also take hub ids, resolved through the Hugging
+Face cache (``posttrain.core.modelref``); one that cannot be resolved is a
+validation error too.
+
+Output: a ``Recipe`` whose ``run()`` executes the stages in order. Each stage
+writes into ``OUTPUT_DIR/NAME`` and finishes by writing ``manifest.json``; on
+re-run a stage with a manifest of the same fingerprint is skipped, so a killed
+pipeline resumes. Under a distributed launch only rank 0 writes the manifest. A stage whose config changed since it finished is re-run
+after its old folder is moved aside (never deleted). The resolved recipe is
+written to ``OUTPUT_DIR/recipe.resolved.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Literal
+
+import yaml
+
+from posttrain.core import modelref
+from posttrain.core.config import ConfigError, build, convert, key, load_yaml, parse_scalar, to_dict
+from posttrain.core.devices import DTYPES
+from posttrain.core.distributed import barrier, is_main_process
+from posttrain.core.sampling.base import SamplerConfig
+
+StageTable = dict[str, tuple[type, Callable[[Any, Any], Any]]]
+
+log = logging.getLogger("posttrain")
+
+
+@dataclass
+class ModelSection:
+    """The policy model shared by stages that do not name their own."""
+
+    path: str | None = key(None, "local folder, hub id (org/name) or @stage reference", model=True)
+    base: str | None = key(None, "pre-trained base model (the merging optimizer's theta_base): folder or hub id",
+                           model=True)
+    dtype: Literal[DTYPES] = key("auto", "auto: bfloat16 on a bf16 GPU, float32 elsewhere")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = key(
+        "sdpa", "attention back-end (trainers pick flash-attention varlen on GPUs when installed)")
+
+
+@dataclass
+class TokenizerSection:
+    """Tokenizer; defaults to the model's folder."""
+
+    path: str | None = key(None, "tokenizer folder or hub id (default: the model's folder)", model=True)
+    chat_template: str | None = key(None, "a Jinja file that replaces the tokenizer's template everywhere "
+                                    "(trainers, samplers, eval)", input=True)
+
+
+@dataclass
+class RecipeFile:
+    """The top level of a recipe file."""
+
+    output_dir: str = key(doc="every stage writes into output_dir/<stage name>/")
+    stages: list[dict[str, Any]] = key(doc="the stages, in order: {kind, name?, ...the kind's keys}")
+    model: ModelSection = key(factory=ModelSection, doc="the shared policy model")
+    tokenizer: TokenizerSection = key(factory=TokenizerSection, doc="the shared tokenizer")
+    sampler: SamplerConfig = key(factory=SamplerConfig, doc="the shared generation back-end")
+    seed: int = key(0, "run seed (stage i uses seed + i)")
+    description: str = key("", "free text (not part of the fingerprint)")
+
+
+@dataclass
+class StageSpec:
+    """One resolved stage: its kind, name, position, typed config and raw dict."""
+
+    kind: str
+    name: str
+    index: int
+    config: Any
+    raw: dict
+
+
+# ---------------------------------------------------------------- overrides
+
+_SEG = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _split_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for m in _SEG.finditer(path):
+        parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+    return parts
+
+
+def apply_override(data: dict, override: str, source: str) -> None:
+    """Apply one ``key.path=value`` override to the parsed recipe ``data`` in place."""
+    if "=" not in override:
+        raise ConfigError(f"{source}: override {override!r}: expected KEY.PATH=VALUE")
+    key, _, text = override.partition("=")
+    parts = _split_path(key.strip())
+    if not parts:
+        raise ConfigError(f"{source}: override {override!r}: empty key")
+    value = parse_scalar(text)
+    node: Any = data
+    walked = ""
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and isinstance(part, str):
+            # stages.NAME: find the stage by name (or kind when unnamed)
+            match = [s for s in node if isinstance(s, dict) and s.get("name", s.get("kind")) == part]
+            if not match:
+                raise ConfigError(f"{source}: override {key}: no stage named {part!r}")
+            node = match[0]
+        elif isinstance(node, list):
+            if part >= len(node):
+                raise ConfigError(f"{source}: override {key}: {walked} has {len(node)} items, no [{part}]")
+            node = node[part]
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        walked += f"[{part}]" if isinstance(part, int) else (f".{part}" if walked else part)
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{source}: override {key}: {walked} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise ConfigError(f"{source}: override {key}: bad index {last!r}")
+    node[last] = value
+
+
+# ---------------------------------------------------------------- loading
+
+class Recipe:
+    """A validated recipe: ``Recipe.load(path, stages, overrides)`` then ``run()``.
+
+    ``stages`` is the stage table (kind -> (config class, entry function)); the composition
+    root (``posttrain.stages``) passes it in, so this module never imports a stage.
+    """
+
+    def __init__(self, path: Path, file: RecipeFile, stages: list[StageSpec], raw: dict, table: StageTable):
+        self.path = path
+        self.file = file
+        self.stages = stages
+        self.raw = raw
+        self.table = table
+        self.output_dir = Path(file.output_dir)
+        self._fingerprints: list[str] | None = None
+
+    # -- construction
+    @classmethod
+    def load(cls, path: str | os.PathLike, stages: StageTable, overrides: list[str] | None = None,
+             check_models: bool = True) -> "Recipe":
+        """Read, override and validate a recipe; raise ConfigError with a one-line message."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: recipe file not found")
+        data = load_yaml(p.read_text(encoding="utf-8"), str(p))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the recipe must be a mapping with 'output_dir' and 'stages'")
+        for o in overrides or []:
+            apply_override(data, o, str(p))
+        return cls.from_dict(data, p, stages, check_models)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: Path, stages: StageTable, check_models: bool = True) -> "Recipe":
+        """Validate a parsed recipe mapping (``path`` is used for messages and relative paths)."""
+        src = str(path)
+        raw = copy.deepcopy(data)
+        top = build(RecipeFile, data, "", src)
+        specs: list[StageSpec] = []
+        names: set[str] = set()
+        for i, st in enumerate(top.stages):
+            where = f"stages[{i}]"
+            if not isinstance(st, dict):
+                raise ConfigError(f"{src}: {where}: expected a mapping with 'kind', got {type(st).__name__}")
+            st = dict(st)
+            kind = st.pop("kind", None)
+            if kind is None:
+                raise ConfigError(f"{src}: {where}.kind: missing required key (expected one of: {', '.join(sorted(stages))})")
+            if kind not in stages:
+                raise ConfigError(f"{src}: {where}.kind: unknown stage kind {kind!r} (expected one of: {', '.join(sorted(stages))})")
+            name = st.pop("name", kind)
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ConfigError(f"{src}: {where}.name: expected a name of letters, digits, '_', '-', '.', got {name!r}")
+            if name in names:
+                raise ConfigError(f"{src}: {where}.name: duplicate stage name {name!r} (give each stage a distinct 'name')")
+            cfg_cls, _ = stages[kind]
+            cfg = build(cfg_cls, st, where, src)
+            spec = StageSpec(kind, name, i, cfg, raw["stages"][i])
+            cls._check_refs(cfg, where, src, path.parent, names, check_models)
+            names.add(name)
+            specs.append(spec)
+        cls._check_refs(top, "", src, path.parent, names, check_models, skip=("stages",))
+        for spec in specs:  # checks that need the whole recipe (e.g. merging needs model.base)
+            hook = getattr(spec.config, "check_in_recipe", None)
+            if callable(hook):
+                try:
+                    hook(top)
+                except ValueError as e:
+                    raise ConfigError(f"{src}: stages[{spec.index}]: {e}") from None
+        return cls(path, top, specs, raw, stages)
+
+    @staticmethod
+    def _check_refs(cfg: Any, where: str, src: str, recipe_dir: Path, earlier: set[str], check_models: bool,
+                    skip: tuple[str, ...] = ()) -> None:
+        """Input files must exist, ``@refs`` must name earlier stages, model references must resolve."""
+        for f in dataclasses.fields(cfg):
+            if f.name in skip:
+                continue
+            val = getattr(cfg, f.name)
+            keypath = f"{where}.{f.name}" if where else f.name
+            if dataclasses.is_dataclass(val):
+                Recipe._check_refs(val, keypath, src, recipe_dir, earlier, check_models)
+                continue
+            if isinstance(val, list) and val and all(dataclasses.is_dataclass(v) for v in val):
+                for j, v in enumerate(val):
+                    Recipe._check_refs(v, f"{keypath}[{j}]", src, recipe_dir, earlier, check_models)
+                continue
+            is_input, is_model = f.metadata.get("input"), f.metadata.get("model")
+            if not (is_input or is_model) or val is None:
+                continue
+            for j, v in enumerate(val if isinstance(val, list) else [val]):
+                k = f"{keypath}[{j}]" if isinstance(val, list) else keypath
+                if v.startswith("@"):
+                    if v[1:].split("/")[0] not in earlier:
+                        raise ConfigError(f"{src}: {k}: {v!r} must name an earlier stage (earlier: {', '.join(sorted(earlier)) or 'none'})")
+                elif (recipe_dir / v).exists() and not Path(v).exists():
+                    continue
+                elif is_model:
+                    why = modelref.check(v) if check_models else None
+                    if why:
+                        raise ConfigError(f"{src}: {k}: cannot resolve model reference: {why}")
+                elif not Path(v).exists():
+                    raise ConfigError(f"{src}: {k}: input file not found: {v}")
+
+    # -- paths
+    def resolve(self, value: str | None) -> str | None:
+        """Turn an ``@stage/...`` reference or relative input path into a usable path."""
+        if value is None:
+            return None
+        if value.startswith("@"):
+            return str(self.output_dir / value[1:])
+        if not Path(value).exists() and (self.path.parent / value).exists():
+            return str(self.path.parent / value)
+        return value
+
+    def resolve_model(self, value: str) -> str:
+        """A model reference (``@stage``, folder, or hub id) as a local folder (hub ids via the HF cache)."""
+        p = self.resolve(value)
+        if value.startswith("@") or Path(p).exists():
+            return p
+        try:
+            return modelref.resolve(p)
+        except modelref.ModelRefError as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+
+    def stage_dir(self, name: str) -> Path:
+        """The output folder of stage ``name``."""
+        return self.output_dir / name
+
+    def resolved_dict(self) -> dict:
+        """The recipe after overrides and defaults, as plain data."""
+        d = to_dict(self.file)
+        d["stages"] = [{"kind": s.kind, "name": s.name, **to_dict(s.config)} for s in self.stages]
+        return d
+
+    def fingerprint(self, upto: int) -> str:
+        """Hash of the shared sections and stages 0..upto: a stage reruns when anything upstream changed.
+
+        Computed once for all stages as a hash chain (stage i hashes stage i-1's fingerprint and its
+        own config), so a recipe of n stages costs O(n), not O(n^2).
+        """
+        if self._fingerprints is None:
+            d = self.resolved_dict()
+            d.pop("description", None)
+            stages = d.pop("stages")
+            h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+            fps = []
+            for st in stages:
+                h = hashlib.sha256((h + json.dumps(st, sort_keys=True, default=str)).encode()).hexdigest()
+                fps.append(h[:16])
+            self._fingerprints = fps
+        return self._fingerprints[upto]
+
+    # -- running
+    def run(self, only: list[str] | None = None, force: bool = False, sampler: Any = None) -> dict[str, dict]:
+        """Run the stages in order (skipping finished ones); return each stage's manifest.
+
+        ``only`` limits the run to the named stages; ``force`` re-runs finished ones;
+        ``sampler`` (any object with the Sampler protocol) replaces every stage's sampler.
+        """
+        from posttrain.core.provenance import provenance
+        from posttrain.core.runtime import SamplerPool, StageContext
+
+        unknown = [n for n in (only or []) if n not in {s.name for s in self.stages}]
+        if unknown:
+            raise ConfigError(f"{self.path}: --only: no stage named {unknown[0]!r} "
+                              f"(stages: {', '.join(s.name for s in self.stages)})")
+        main = is_main_process()
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.resolved.yaml").write_text(
+                yaml.safe_dump(self.resolved_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        results: dict[str, dict] = {}
+        pool = SamplerPool(injected=sampler)
+        try:
+            for spec in self.stages:
+                if only and spec.name not in only:
+                    continue
+                out = self.stage_dir(spec.name)
+                manifest = out / "manifest.json"
+                fp = self.fingerprint(spec.index)
+                done = self._finished(spec, out, manifest, fp, force, main)
+                if done is not None:
+                    results[spec.name] = done
+                    continue
+                out.mkdir(parents=True, exist_ok=True)
+                log.info("stage %s (%s): running", spec.name, spec.kind)
+                ctx = StageContext(recipe=self, spec=spec, out_dir=out, samplers=pool)
+                t0 = time.time()
+                _, fn = self.table[spec.kind]
+                summary = fn(spec.config, ctx) or {}
+                m = {"kind": spec.kind, "name": spec.name, "fingerprint": fp,
+                     "seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "summary": summary, "provenance": provenance(ctx.models_used)}
+                if main:
+                    tmp = manifest.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(m, indent=2, default=str))
+                    os.replace(tmp, manifest)  # written last: its presence means the stage is complete
+                barrier()  # no rank starts the next stage before the manifest (and the outputs) exist
+                results[spec.name] = m
+        finally:
+            pool.close()
+        return results
+
+    def _finished(self, spec: StageSpec, out: Path, manifest: Path, fp: str, force: bool, main: bool) -> dict | None:
+        """The manifest of a finished, unchanged stage (to skip it), else None after clearing the way."""
+        if manifest.exists() and not force:
+            m = json.loads(manifest.read_text())
+            if m.get("fingerprint") == fp:
+                log.info("stage %s (%s): complete, skipped", spec.name, spec.kind)
+                return m
+            barrier()  # every rank has read the old manifest before rank 0 moves the folder
+            if main:
+                aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                log.warning("stage %s: config changed since it finished; old output moved to %s", spec.name, aside)
+                out.rename(aside)
+        elif manifest.exists():
+            barrier()
+            if main:
+                manifest.unlink()
+        barrier()
+        return None
+
+
+def check_type(tp: Any, value: Any, key: str, source: str = "<config>") -> Any:
+    """Validate a single value against a type (used by stages for dynamic keys)."""
+    return convert(tp, value, key, source)

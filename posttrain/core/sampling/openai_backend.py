@@ -1,0 +1,111 @@
+"""OpenAI-compatible chat-completions backend (``vllm serve``, or a hosted API).
+
+Input: chat prompts; the server applies its chat template (or the recipe's, sent as
+``chat_template`` with every request, which vLLM servers honour). Each request carries its
+prompt's seed. Output:
+``Completion`` lists (token ids when the server returns them, as vLLM does
+with ``return_token_ids``). All prompts of a call are sent concurrently, at
+most ``max_concurrency`` requests in flight. 429, 5xx, timeouts and dropped
+connections are retried with exponential backoff (``Retry-After`` honoured);
+other 4xx answers are errors that quote the server's message.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from collections.abc import Sequence
+
+from posttrain.core.sampling.base import Completion, Messages, SamplerConfig, SamplingParams, prompt_seeds
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class OpenAIServerError(RuntimeError):
+    """The server rejected a request (4xx other than rate limits) or kept failing after retries."""
+
+
+class OpenAISampler:
+    """Sampler talking to ``{base_url}/chat/completions``."""
+
+    name = "openai"
+
+    def __init__(self, cfg: SamplerConfig, model: str | None = None, chat_template: str | None = None):
+        self.cfg = cfg
+        self.chat_template = chat_template
+        self.model = cfg.served_model_name or model
+        if not self.model:
+            raise ValueError("sampler backend 'openai' needs served_model_name (or a model) to put in requests")
+        key = os.environ.get(cfg.api_key_env, "EMPTY")
+        self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s,
+                                   headers={"Authorization": f"Bearer {key}"},
+                                   limits=httpx.Limits(max_connections=cfg.max_concurrency))
+        self.retries = 0  # total retried requests, for monitoring
+
+    def _body(self, prompt: Messages, params: SamplingParams, seed: int | None = None) -> dict:
+        body: dict = {"model": self.model, "messages": prompt, "n": params.n, "temperature": params.temperature,
+                      "top_p": params.top_p, "max_tokens": params.max_tokens}
+        if params.stop:
+            body["stop"] = params.stop
+        if seed is not None:
+            body["seed"] = seed
+        if self.chat_template:
+            body["chat_template"] = self.chat_template
+        if params.logprobs:
+            body["logprobs"] = True
+        if self.cfg.request_token_ids:
+            body["return_token_ids"] = True
+        body.update(self.cfg.extra_body)
+        return body
+
+    def _post(self, body: dict) -> dict:
+        delay = 1.0
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                r = self.client.post("/chat/completions", json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                err = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code == 200:
+                    return r.json()
+                err = f"HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code not in RETRY_STATUS:
+                    raise OpenAIServerError(f"{self.cfg.base_url}: request rejected, {err}")
+                ra = r.headers.get("retry-after")
+                if ra and ra.replace(".", "", 1).isdigit():
+                    delay = max(delay, float(ra))
+            if attempt == self.cfg.max_retries:
+                raise OpenAIServerError(f"{self.cfg.base_url}: gave up after {attempt + 1} attempts, last error {err}")
+            self.retries += 1
+            time.sleep(delay * (0.5 + random.random()))  # jitter spreads retries of concurrent requests
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _parse(resp: dict, params: SamplingParams) -> list[Completion]:
+        out = []
+        for ch in sorted(resp["choices"], key=lambda c: c.get("index", 0)):
+            lps = None
+            if params.logprobs and ch.get("logprobs") and ch["logprobs"].get("content") is not None:
+                lps = [t["logprob"] for t in ch["logprobs"]["content"]]
+            finish = "length" if ch.get("finish_reason") == "length" else "stop"
+            out.append(Completion(text=ch["message"].get("content") or "", token_ids=list(ch.get("token_ids") or []),
+                                  finish_reason=finish, logprobs=lps))
+        return out
+
+    def generate(self, prompts: list[Messages], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """One request per prompt (``n`` completions each), ``max_concurrency`` at a time, in prompt order."""
+        bodies = [self._body(p, params, s) for p, s in zip(prompts, prompt_seeds(prompts, params, seeds))]
+        with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
+            resps = list(pool.map(self._post, bodies))
+        return [self._parse(r, params) for r in resps]
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self.client.close()

@@ -1,0 +1,1 @@
+"""Evaluation of checkpoints (stage ``eval``, ``posttrain eval``) and the run report (stage ``report``)."""

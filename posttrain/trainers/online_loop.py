@@ -1,0 +1,468 @@
+"""The online DPO loop (stage ``online_dpo``): set-up, sample, score, pair, update, sync, checkpoint.
+
+Input: an ``OnlineDPOConfig`` and the stage context. Output: what the stage docstring
+(``posttrain.trainers.online_dpo``) lists. One ``OnlineDPOLoop`` runs the episodes; each
+phase is a method, timed into the episode's metrics (``time_generate``, ``time_score``,
+``time_train``, ``time_gather``, ``time_sync``).
+
+The loop is hand-written rather than TRL's ``OnlineDPOTrainer`` because the report's online
+stage needs best/worst of N by a reward model (TRL samples exactly 2), the merging optimizer,
+and a weight push that is verified: after every push the sampler's log-probs of a probe
+sequence must equal the policy's, or the run stops with ``SyncError`` (a silently skipped
+push would make the run sample from a stale policy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.core.devices import dtype_name, resolve_device, torch_dtype
+from posttrain.core.distributed import Dist
+from posttrain.core.losses import dpo_loss, response_logprobs
+from posttrain.core.records import RecordWriter, iter_records, preference, record_id, to_chat_prompt
+from posttrain.core.sampling.base import Completion, SamplingParams, stable_seed
+from posttrain.core.trainkit import lora_config, lr_at, set_lr, tensorboard_writer
+from posttrain.core.weight_sync import SyncError, export_weights, push_weights, set_asleep, verify_sync
+from posttrain.trainers.online_dpo import OnlineDPOConfig, pick_pairs
+from reward.sources import reward_sources, total_rewards
+
+log = logging.getLogger("posttrain")
+
+
+@dataclass
+class Episode:
+    """One episode's samples (after gathering, the same on every rank)."""
+
+    index: int
+    prompt_idx: list[int]  # record indices of this episode's prompts
+    completions: list[list[Completion]]  # N per prompt
+    rewards: list[list[float]] = field(default_factory=list)  # per prompt, per completion
+    source_means: dict[str, float] = field(default_factory=dict)  # unweighted mean of each reward source
+    skipped: int = 0  # prompts without a pair (tie or gap below min_gap)
+
+
+class OnlineDPOLoop:
+    """Online DPO over ``cfg.episodes`` episodes (see the module docstring)."""
+
+    def __init__(self, cfg: OnlineDPOConfig, ctx: Any):
+        import torch
+
+        self.cfg, self.ctx = cfg, ctx
+        self.out = Path(ctx.out_dir)
+        self.start_path = ctx.model_path(cfg.model)
+        self.tok = ctx.tokenizer(self.start_path)
+        self.dist = Dist(resolve_device(cfg.device), cfg.batch_size, cfg.train.max_grad_norm,
+                         dtype_name(cfg.dtype, cfg.device))
+        self.device = self.dist.device
+        self.dtype = torch_dtype(cfg.dtype, self.device)
+        self.tol = cfg.sync_tolerance if cfg.sync_tolerance is not None else (
+            1e-3 if self.dtype == torch.float32 else 5e-2)
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
+        self.records = list(iter_records(ctx.resolve(cfg.input)))[: cfg.limit]
+        if not self.records:
+            raise ValueError(f"stage {ctx.spec.name}: {cfg.input}: no prompts")
+        self.prompts = [to_chat_prompt(r) for r in self.records]
+        self.order = list(range(len(self.records)))
+        random.Random(self.seed).shuffle(self.order)
+        self.ckpt = self.out / "checkpoint"
+        state_file = self.ckpt / "state.json"
+        self.state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        self.first = self.state["episode"] if self.state else 0
+        # the schedule runs over planned optimizer steps (an episode with fewer pairs takes fewer steps)
+        self.steps_per_episode = cfg.epochs_per_episode * math.ceil(cfg.prompts_per_episode /
+                                                                    (cfg.batch_size * self.dist.world))
+        self.total_steps = cfg.episodes * self.steps_per_episode
+        torch.manual_seed(self.seed)
+        self._load_models()
+        self._make_optimizer()
+        self._make_sampler()
+        self.probe_ids = (list(self.tok.apply_chat_template(self.prompts[self.order[0]], add_generation_prompt=True,
+                                                            tokenize=True, return_dict=True)["input_ids"])
+                          + self.tok(cfg.probe_text, add_special_tokens=False)["input_ids"])[: cfg.max_length]
+        with self.dist.plain_loading():  # the reward model is never partitioned
+            self.sources = reward_sources(ctx.resolve_model(cfg.reward_model, "reward_model") if cfg.reward_model
+                                          else None, cfg.reward_model_weight, cfg.reward_functions,
+                                          device=self.device, batch_size=cfg.reward_batch_size,
+                                          max_length=cfg.max_length, where=f"stages[{ctx.spec.index}].reward_functions")
+        self.tb = tensorboard_writer(self.out) if "tensorboard" in cfg.train.report_to and self.dist.main else None
+        self.metrics_path = self.out / "metrics.jsonl"
+        if self.dist.main:
+            _truncate_jsonl(self.metrics_path, lambda r: r["episode"] < self.first)
+            _truncate_jsonl(self.out / "pairs.jsonl", lambda r: r["meta"]["episode"] < self.first)
+        self.totals: dict[str, float] = {}
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- set-up
+
+    def _load_models(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        cfg, load_from = self.cfg, str(self.ckpt) if self.state else self.start_path
+        if cfg.lora is not None:
+            from peft import PeftModel, get_peft_model
+
+            base = AutoModelForCausalLM.from_pretrained(self.start_path, dtype=self.dtype).to(self.device)
+            self.policy = (PeftModel.from_pretrained(base, load_from, is_trainable=True) if self.state
+                           else get_peft_model(base, lora_config(cfg.lora)))
+            self.ref_model = None  # the reference is the policy with its adapter disabled
+        else:
+            self.policy = AutoModelForCausalLM.from_pretrained(load_from, dtype=self.dtype).to(self.device)
+            with self.dist.plain_loading():
+                self.ref_model = AutoModelForCausalLM.from_pretrained(self.start_path, dtype=self.dtype
+                                                                      ).to(self.device).eval()
+            self.ref_model.requires_grad_(False)
+
+    def _make_optimizer(self) -> None:
+        import torch
+
+        t = self.cfg.train
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        if self.cfg.merging is not None:
+            from posttrain.core import merging
+
+            reference, base = merging.resolve_paths(self.cfg.merging, self.ctx, self.start_path)
+            optimizer = merging.wrap_optimizer(optimizer, self.policy, self.cfg.merging, reference=reference,
+                                               base=base)
+        if self.state and (self.ckpt / "optimizer.pt").is_file():
+            optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", map_location=self.device,
+                                                 weights_only=False))
+        self.optimizer = optimizer
+        self.train_model, self.optimizer = self.dist.prepare(self.policy, optimizer)
+
+    def _make_sampler(self) -> None:
+        from posttrain.core.sampling.base import make_sampler
+        from posttrain.core.sampling.hf import HFSampler
+
+        cfg, ctx = self.cfg, self.ctx
+        self.injected = ctx.samplers.injected
+        scfg = cfg.sampler or ctx.recipe.file.sampler
+        self.own_sampler = False
+        if self.dist.world > 1 and (self.injected is not None or scfg.backend != "hf" or not cfg.share_weights):
+            raise ValueError(f"stage {ctx.spec.name}: with {self.dist.world} ranks online DPO samples with the hf "
+                             "backend sharing each rank's policy (sampler.backend: hf, share_weights: true)")
+        if self.injected is not None:
+            self.sampler = self.injected
+        elif scfg.backend == "hf" and cfg.share_weights:
+            self.sampler = HFSampler(self.policy, self.tok, scfg, chat_template=ctx.chat_template)
+        else:
+            ctx.samplers.release("vllm")  # one engine at a time: free the memory of any shared one
+            start = str(self.ckpt) if self.state and cfg.lora is None else self.start_path
+            self.sampler = make_sampler(scfg, model=start, tokenizer=ctx.tokenizer_path(self.start_path),
+                                        chat_template=ctx.chat_template)
+            self.own_sampler = True
+        self.shares_policy = isinstance(self.sampler, HFSampler) and self.sampler.model is self.policy
+        can_sync = hasattr(self.sampler, "update_weights") and hasattr(self.sampler, "probe_logprobs")
+        if cfg.sync_weights and not can_sync:
+            raise ValueError(f"stage {ctx.spec.name}: sampler {self.sampler.name!r} cannot take new weights; "
+                             "set sync_weights: false to sample from a fixed model")
+        self.injected_start = None
+
+    # ---------------------------------------------------------------- phases
+
+    def sample(self, ep: int) -> Episode:
+        """This rank's share of the episode's prompts, N completions each, from the current policy."""
+        cfg = self.cfg
+        all_idx = [self.order[(ep * cfg.prompts_per_episode + i) % len(self.order)]
+                   for i in range(cfg.prompts_per_episode)]
+        idx = all_idx[self.dist.rank::self.dist.world]
+        seeds = [stable_seed(self.seed, ep, i) for i in idx]
+        self.policy.eval()
+        set_asleep(self.sampler, False)
+        with self.dist.gathered(self.policy):  # ZeRO-3: generate on whole weights
+            comps = self.sampler.generate([self.prompts[i] for i in idx], cfg.sampling, seeds=seeds)
+        set_asleep(self.sampler, True)  # colocated vLLM on GPU: free its memory for the update
+        return Episode(ep, idx, comps)
+
+    def score(self, e: Episode) -> None:
+        """Total reward of every completion (weighted sources minus the unterminated penalty)."""
+        flat_p = [self.prompts[i] for i, cs in zip(e.prompt_idx, e.completions) for _ in cs]
+        flat_r = [self.records[i] for i, cs in zip(e.prompt_idx, e.completions) for _ in cs]
+        texts = [c.text for cs in e.completions for c in cs]
+        term = [c.terminated for cs in e.completions for c in cs]
+        flat, e.source_means = total_rewards(self.sources, flat_p, texts, flat_r, term,
+                                             self.cfg.unterminated_penalty)
+        e.rewards, k = [], 0
+        for cs in e.completions:
+            e.rewards.append(flat[k:k + len(cs)])
+            k += len(cs)
+
+    def gather(self, e: Episode) -> Episode:
+        """Every rank's samples and rewards, so all ranks pick the same pairs (no-op in one process)."""
+        if self.dist.world == 1:
+            return e
+        mine = (e.prompt_idx, [[(c.text, list(c.token_ids), c.finish_reason) for c in cs] for cs in e.completions],
+                e.rewards, e.source_means)
+        parts = self.dist.gather(mine)
+        comps = [[Completion(text=t, token_ids=ids, finish_reason=f) for t, ids, f in cs]
+                 for p in parts for cs in p[1]]
+        means = {k: sum(p[3][k] for p in parts) / len(parts) for k in e.source_means}
+        return Episode(e.index, [i for p in parts for i in p[0]], comps, [r for p in parts for r in p[2]], means)
+
+    def pair(self, e: Episode, writer: RecordWriter | None) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
+        """Best vs worst of each prompt as token sequences ``((ids, prompt_len), (ids, prompt_len))``."""
+        pairs, e.skipped = pick_pairs(e.rewards, self.cfg.min_gap)
+        data = []
+        for i, b, w in pairs:
+            p, rec_idx = self.prompts[e.prompt_idx[i]], e.prompt_idx[i]
+            best, worst = e.completions[i][b], e.completions[i][w]
+            data.append((self._ids(p, best), self._ids(p, worst)))
+            if writer is not None:
+                writer.write(preference(p, best.text, worst.text, source=f"online_dpo:{self.sampler.name}",
+                                        id=record_id("online_dpo", e.index, rec_idx),
+                                        meta={"episode": e.index, "reward_chosen": e.rewards[i][b],
+                                              "reward_rejected": e.rewards[i][w]}))
+        return data
+
+    def _ids(self, prompt: list[dict], c: Completion) -> tuple[list[int], int]:
+        pid = list(self.tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+        rid = list(c.token_ids) or (self.tok(c.text, add_special_tokens=False)["input_ids"]
+                                    + ([self.tok.eos_token_id] if c.terminated else []))
+        return (pid + rid)[: self.cfg.max_length], len(pid)
+
+    def kl(self, e: Episode) -> float | None:
+        """k1 estimate of KL(policy || reference) on fresh samples of the current policy (this rank's prompts).
+
+        The episode's own samples are used when they were drawn at temperature 1 without top-p (then
+        they are samples of the policy); otherwise ``kl_samples`` new ones are drawn at temperature 1.
+        """
+        import torch
+
+        cfg = self.cfg
+        if cfg.kl_samples == 0:
+            return None
+        if cfg.sampling.temperature == 1.0 and cfg.sampling.top_p == 1.0 and cfg.kl_samples <= cfg.sampling.n:
+            comps = [cs[: cfg.kl_samples] for cs in e.completions]
+        else:
+            sp = SamplingParams(n=cfg.kl_samples, temperature=1.0, max_tokens=cfg.sampling.max_tokens)
+            with self.dist.gathered(self.policy):
+                comps = self.sampler.generate([self.prompts[i] for i in e.prompt_idx], sp,
+                                              seeds=[stable_seed(self.seed, "kl", e.index, i) for i in e.prompt_idx])
+        seqs = [self._ids(self.prompts[i], c) for i, cs in zip(e.prompt_idx, comps) for c in cs]
+        with torch.no_grad():
+            pol = response_logprobs(self.train_model, seqs, self.pad, self.device, cfg.batch_size * 2)
+            ref = self._ref_logprobs(seqs)
+        vals = self.dist.gather([float(x) for x in (pol - ref)])
+        flat = [v for part in vals for v in part]
+        return sum(flat) / max(1, len(flat))
+
+    def _ref_logprobs(self, seqs: list[tuple[list[int], int]]) -> Any:
+        if self.ref_model is not None:
+            return response_logprobs(self.ref_model, seqs, self.pad, self.device, self.cfg.batch_size * 2)
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, seqs, self.pad, self.device, self.cfg.batch_size * 2)
+
+    def update(self, e: Episode, data: list) -> dict:
+        """DPO on the episode's pairs (``epochs_per_episode`` passes, ``batch_size`` pairs per rank per step)."""
+        import torch
+
+        cfg, dist = self.cfg, self.dist
+        if not data:
+            return {}
+        seqs_c, seqs_r = [d[0] for d in data], [d[1] for d in data]
+        with torch.no_grad():
+            ref_c, ref_r = self._ref_logprobs(seqs_c), self._ref_logprobs(seqs_r)
+        self.policy.train()
+        logs: dict[str, list[float]] = {k: [] for k in ("loss", "chosen_reward", "rejected_reward", "margin",
+                                                        "accuracy", "logp_chosen", "logp_rejected")}
+        gen = random.Random(self.seed * 7 + e.index)  # same on every rank: same permutation
+        step_pairs = cfg.batch_size * dist.world  # pairs per optimizer step over all ranks
+        step = e.index * self.steps_per_episode
+        for _ in range(cfg.epochs_per_episode):
+            perm = list(range(len(data)))
+            gen.shuffle(perm)
+            if len(perm) % dist.world:  # every rank must take part in every step: pad by repeating pairs
+                perm += perm[: dist.world - len(perm) % dist.world]
+            for s in range(0, len(perm), step_pairs):
+                b = perm[s:s + step_pairs][dist.rank::dist.world]
+                set_lr(self.optimizer, lr_at(cfg.train, min(step, self.total_steps - 1), self.total_steps))
+                step += 1
+                lp = response_logprobs(self.train_model, [seqs_c[j] for j in b] + [seqs_r[j] for j in b],
+                                       self.pad, self.device)
+                out = dpo_loss(lp[: len(b)], lp[len(b):], ref_c[b], ref_r[b], cfg.beta, cfg.label_smoothing)
+                loss = out["loss"].mean()
+                dist.backward_step(loss, self.policy, self.optimizer, cfg.train.max_grad_norm)
+                logs["loss"].append(float(loss.detach()))
+                for k, v in (("chosen_reward", out["chosen_reward"]), ("rejected_reward", out["rejected_reward"]),
+                             ("margin", out["margin"])):
+                    logs[k].append(float(v.mean()))
+                logs["accuracy"].append(float((out["margin"] > 0).float().mean()))
+                logs["logp_chosen"].append(float(lp[: len(b)].detach().mean()))
+                logs["logp_rejected"].append(float(lp[len(b):].detach().mean()))
+        logs = {k: [x for part in dist.gather(v) for x in part] for k, v in logs.items()}
+        m = {k: sum(v) / len(v) for k, v in logs.items()}
+        m["logp_margin"] = m["logp_chosen"] - m["logp_rejected"]
+        m["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.policy.eval()
+        return m
+
+    def sync(self, where: str) -> tuple[float, float, float]:
+        """Push the policy's weights to the sampler and verify them: (max log-prob diff, push s, verify s)."""
+        t0 = time.time()
+        set_asleep(self.sampler, False)
+        if not self.shares_policy:
+            push_weights(self.sampler, self.policy)
+        t1 = time.time()
+        self.policy.eval()
+        with self.dist.gathered(self.policy):
+            diff = verify_sync(self.sampler, self.policy, self.probe_ids, self.tol, where, self.device)
+        return diff, t1 - t0, time.time() - t1
+
+    def checkpoint(self, next_episode: int) -> None:
+        """Policy (adapter for LoRA), optimizer state and the next episode, written aside then swapped in."""
+        import torch
+
+        if self.dist.world > 1:
+            return  # multi-rank episode checkpoints: see the stage docstring
+        tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.policy.save_pretrained(tmp)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"episode": next_episode}))
+        if self.ckpt.exists():
+            shutil.rmtree(self.ckpt)
+        tmp.rename(self.ckpt)
+
+    # ---------------------------------------------------------------- the loop
+
+    def episode(self, ep: int, writer: RecordWriter | None) -> dict:
+        """sample -> score -> gather -> pair -> KL -> update -> sync; return the episode's metrics."""
+        t = [time.time()]
+        e = self.sample(ep)
+        t.append(time.time())
+        self.score(e)
+        t.append(time.time())
+        mine = e
+        e = self.gather(e)
+        t.append(time.time())
+        data = self.pair(e, writer)
+        flat = [r for rs in e.rewards for r in rs]
+        term = [c.terminated for cs in e.completions for c in cs]
+        m: dict[str, Any] = {"episode": ep, "prompts": len(e.prompt_idx), "samples": len(flat), "pairs": len(data),
+                             "skipped": e.skipped, "reward_mean": sum(flat) / len(flat), "reward_min": min(flat),
+                             "reward_max": max(flat), "gap_mean": sum(max(r) - min(r) for r in e.rewards) / len(e.rewards),
+                             "terminated_frac": sum(term) / len(term),
+                             "response_len": sum(len(c.token_ids) or len(self.tok(c.text)["input_ids"])
+                                                 for cs in e.completions for c in cs) / len(flat)}
+        if len(self.sources) > 1:
+            m.update({f"reward_{name}": v for name, v in e.source_means.items()})
+        kl = self.kl(mine)  # on this rank's fresh samples, before the update changes the policy
+        if kl is not None:
+            m["kl_ref"] = kl
+        t.append(time.time())
+        m.update(self.update(e, data))
+        t.append(time.time())
+        m.update(time_generate=t[1] - t[0], time_score=t[2] - t[1], time_gather=t[3] - t[2], time_kl=t[4] - t[3],
+                 time_train=t[5] - t[4])
+        if self.cfg.sync_weights:
+            m["sync_logprob_diff"], m["time_push"], m["time_verify"] = self.sync(
+                f"stage {self.ctx.spec.name}: after episode {ep}")
+        else:
+            m["time_push"] = m["time_verify"] = 0.0
+        m["time_sync"] = m["time_push"] + m["time_verify"]
+        return m
+
+    def run(self) -> dict:
+        """All episodes (resuming at ``self.first``), then the final model; returns the stage summary."""
+        cfg, ctx, dist = self.cfg, self.ctx, self.dist
+        if self.injected is not None and cfg.sync_weights:
+            # Hand an injected engine back as we found it, when we can tell what it held (the starting policy).
+            try:
+                verify_sync(self.injected, self.policy, self.probe_ids, self.tol, "injected sampler", self.device)
+                if not self.state:
+                    self.injected_start = [(n, t.detach().clone()) for n, t in export_weights(self.policy)]
+            except SyncError:
+                log.warning("stage %s: the injected sampler holds other weights than the policy; they are replaced "
+                            "and not restored", ctx.spec.name)
+        if cfg.sync_weights and (self.state or not self.shares_policy):
+            self.sync(f"stage {ctx.spec.name}: before episode {self.first}")  # catches a sampler on other weights
+        bar = ctx.progress(total=cfg.episodes, initial=self.first, desc=f"{ctx.spec.name} episodes")
+        try:
+            name = f"pairs{'' if dist.main else f'.rank{dist.rank}'}.jsonl"
+            with RecordWriter(self.out / name, "preference") as pw:
+                for ep in range(self.first, cfg.episodes):
+                    m = self.episode(ep, pw if dist.main else None)
+                    self._log(m)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", loss=f"{m.get('loss', float('nan')):.3f}")
+                    if cfg.checkpoint_every and (ep + 1) % cfg.checkpoint_every == 0 and ep + 1 < cfg.episodes:
+                        self.checkpoint(ep + 1)
+        finally:
+            bar.close()
+        return self._finish()
+
+    def _log(self, m: dict) -> None:
+        for k, v in m.items():
+            if k.startswith("time_"):
+                self.totals[k[5:]] = self.totals.get(k[5:], 0.0) + v
+        self.history.append(m)
+        if not self.dist.main:
+            return
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "episode":
+                    self.tb.add_scalar(f"online_dpo/{k}", v, m["episode"])
+            self.tb.flush()
+
+    def _finish(self) -> dict:
+        with self.dist.gathered(self.policy):  # every rank takes part (ZeRO-3 gathers the shards)
+            if self.dist.main:
+                final = self.policy.merge_and_unload() if self.cfg.lora is not None else self.policy
+                final.save_pretrained(self.out)
+                self.tok.save_pretrained(self.out)
+                if self.ckpt.exists():
+                    shutil.rmtree(self.ckpt)
+        rows = self.history
+        summary = {"model": str(self.out), "episodes": len(rows), "pairs": sum(r["pairs"] for r in rows),
+                   "skipped_prompts": sum(r["skipped"] for r in rows),
+                   "reward_mean_first": rows[0]["reward_mean"] if rows else None,
+                   "reward_mean_last": rows[-1]["reward_mean"] if rows else None,
+                   "seconds": {k: round(v, 2) for k, v in self.totals.items()}, "sampler": self.sampler.name,
+                   "merging": None if self.cfg.merging is None else self.cfg.merging.method,
+                   "schedule": {"planned_steps": self.total_steps, "lr_schedule": self.cfg.train.lr_schedule},
+                   "distributed": {"world_size": self.dist.world, "deepspeed": self.dist.deepspeed,
+                                   "zero_stage": self.dist.zero_stage}}
+        if self.dist.main:
+            self.ctx.write_json("stats.json", summary)
+        return summary
+
+    def close(self) -> None:
+        """Give an injected sampler back its starting weights; close our own sampler and TensorBoard."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.injected_start is not None:
+            try:
+                self.injected.update_weights(self.injected_start)
+            except Exception as e:  # noqa: BLE001 - must not hide the real error
+                log.warning("could not restore the injected sampler's weights: %s", e)
+        if self.own_sampler:
+            self.sampler.close()
+
+
+def _truncate_jsonl(path: Path, keep: Any) -> None:
+    """On resume, drop lines of episodes that will run again (a torn last line goes too)."""
+    if not path.exists():
+        return
+    rows = []
+    for x in path.read_text().splitlines():
+        try:
+            if x.strip() and keep(json.loads(x)):
+                rows.append(x)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(x + "\n" for x in rows))
+
