@@ -32,6 +32,7 @@ from pathlib import Path
 
 from data_synthesis.common import build_prompt, get_field, open_outputs
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec, input_label
 from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 from reward.code_tests import (extract_code, extract_tests, load_failed, normalize_tests, select_tests,
@@ -50,7 +51,7 @@ TEST_PROMPT = ("Write {n} test cases for the Python function `{entry_point}` des
 class CodeFeedbackConfig:
     """Keys of stage ``code_feedback``."""
 
-    input: str = key(doc="programming problems (prompt records)", input=True)
+    input: InputSpec = key(doc="programming problems (prompt records)", input="prompt")
     tests_field: str = key("meta.tests", "dotted path of given tests (assert lines or {input, output} objects)")
     entry_point_field: str = key("meta.entry_point", "dotted path of the function name the tests call")
     n_solutions: int = key(8, "solutions sampled per problem")
@@ -103,9 +104,9 @@ def run(cfg: CodeFeedbackConfig, ctx) -> dict:
     """Entry point of stage kind ``code_feedback``."""
     from reward.sandbox import SandboxLimits, SandboxPool
 
-    src = ctx.resolve(cfg.input)
+    src = input_label(cfg.input)
     problems = []
-    for n, rec in enumerate(iter_records(src, "prompt"), 1):
+    for n, rec in enumerate(ctx.read_input(cfg.input, "prompt"), 1):
         ep = get_field(rec, cfg.entry_point_field)
         tests = normalize_tests(get_field(rec, cfg.tests_field), ep, f"{src}:{n}")
         instr = cfg.solution_instruction.replace("{entry_point}", ep or "solution")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from posttrain.core.records import iter_records, repair_jsonl, to_chat_prompt
+from posttrain.core.records import repair_jsonl, to_chat_prompt
 from posttrain.core.sampling.base import Messages, Sampler, SamplingParams
 from posttrain.core.text import fenced_blocks, norm_text
 
@@ -160,10 +160,13 @@ def instruction_text(rec: dict) -> str:
     return users[-1] if users else msgs[-1]["content"]
 
 
-def load_instructions(path: str, limit: int | None = None) -> list[dict]:
-    """Read instruction records (prompt or demonstration), first ``limit``; duplicates by id are dropped."""
+def load_instructions(records: Iterable[dict], limit: int | None = None) -> list[dict]:
+    """Instruction items ``{id, prompt, source, meta}`` of records (prompt or demonstration), first ``limit``.
+
+    Duplicates by id are dropped.
+    """
     out, seen = [], set()
-    for rec in iter_records(path):
+    for rec in records:
         if rec["id"] in seen:
             continue
         seen.add(rec["id"])

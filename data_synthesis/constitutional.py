@@ -35,7 +35,8 @@ from typing import Literal
 from data_synthesis.common import extract_json, sample_step
 from posttrain.core.config import load_yaml
 from posttrain.core.config import key
-from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
+from posttrain.core.inputs import InputSpec
+from posttrain.core.records import RecordWriter, demonstration, preference, record_id, to_chat_prompt
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
@@ -44,7 +45,7 @@ class ConstitutionalConfig:
     """Keys of stage ``constitutional``."""
 
     constitution: str = key(doc="YAML: name, follow: [{id, text}], avoid: [{id, text}]", input=True)
-    prompts: str = key(doc="prompt records (JSONL/Parquet/datasets; 'prompt' or 'messages')", input=True)
+    prompts: InputSpec = key(doc="prompt records (JSONL/Parquet/datasets; 'prompt' or 'messages')", input=True)
     mode: Literal["contrast", "revise"] = key("contrast", "follower+violator per prompt, or critique-and-revise")
     violate: list[str] | None = key(None, "principle ids a violator may target (default: all)")
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=256, seed=0))
@@ -189,7 +190,7 @@ def run(cfg: ConstitutionalConfig, ctx) -> dict:
         if bad:
             raise ValueError(f"violate: unknown principle id(s) {bad} (constitution has: {', '.join(sorted(ids))})")
     targets = [by_id[v] for v in cfg.violate] if cfg.violate else principles
-    rows = list(iter_records(ctx.resolve(cfg.prompts)))[: cfg.limit]
+    rows = ctx.read_input(cfg.prompts, None, cfg.limit)
     prompts = {str(r["id"]): to_chat_prompt(r) for r in rows}
     sampler_cache: list = []
 

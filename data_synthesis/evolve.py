@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from data_synthesis.common import instruction_text, load_instructions
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
 from posttrain.core.records import RecordWriter, iter_records, record_id
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
@@ -80,7 +81,7 @@ _LABEL = re.compile(r"^\s*(#*\s*)?(rewritten|new|revised|evolved|modified)?\s*(p
 class EvolveConfig:
     """Keys of stage ``evolve`` (instruction self-evolution)."""
 
-    input: str = key(doc="instruction records (e.g. @select)", input=True)
+    input: InputSpec = key(doc="instruction records (e.g. @select)", input=True)
     rounds: int = key(3, "evolution rounds; round r makes difficulty level r")
     operations: list[str] = key(factory=lambda: list(OPERATIONS), doc="drawn per instruction and round")
     sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
@@ -166,7 +167,7 @@ def pick_operation(operations: list[str], seed: int, rec_id: str, level: int) ->
 
 def run(cfg: EvolveConfig, ctx) -> dict:
     """Entry point of stage kind ``evolve``."""
-    inputs = load_instructions(ctx.resolve(cfg.input), cfg.limit)
+    inputs = load_instructions(ctx.read_input(cfg.input, None), cfg.limit)
     out_path, fail_path = ctx.out_dir / "records.jsonl", ctx.out_dir / "failed.jsonl"
     stats = {"inputs": len(inputs), "rounds": []}
     per_op: dict[str, Counter] = {op: Counter() for op in cfg.operations}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
 from posttrain.core.records import RecordWriter, demonstration, iter_records, record_id, to_chat_prompt
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
@@ -20,7 +21,7 @@ from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 class GenerateConfig:
     """Keys of stage ``generate``."""
 
-    input: str = key(doc="prompt records (prompt or messages; a last assistant turn is dropped)", input=True)
+    input: InputSpec = key(doc="prompt records (prompt or messages; a last assistant turn is dropped)", input=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=64))
     sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
     model: str | None = key(None, "default: the recipe's model.path", model=True)
@@ -29,7 +30,7 @@ class GenerateConfig:
 
 def run(cfg: GenerateConfig, ctx) -> dict:
     """Entry point of stage kind ``generate``."""
-    prompts = [to_chat_prompt(r) for r in iter_records(ctx.resolve(cfg.input))]
+    prompts = [to_chat_prompt(r) for r in ctx.read_input(cfg.input, None)]
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
     out = ctx.out_dir / "records.jsonl"

@@ -47,7 +47,8 @@ from typing import Any
 
 from data_synthesis.common import StepCache, extract_json, norm_text, sample_step
 from posttrain.core.config import key
-from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id, to_chat_prompt
+from posttrain.core.inputs import InputSpec
+from posttrain.core.records import RecordWriter, demonstration, preference, record_id, to_chat_prompt
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 from reward.if_verifiers import CrossValConfig, cross_validate, parse_cases, pass_rates
 
@@ -57,7 +58,7 @@ class IFFeedbackConfig:
     """Keys of stage ``if_feedback``."""
 
     seeds: str = key(doc="seed constraints JSONL (id, instruction, category?, functions?, cases?)", input=True)
-    queries: str = key(doc="user queries: prompt records (JSONL/Parquet/datasets)", input=True)
+    queries: InputSpec = key(doc="user queries: prompt records (JSONL/Parquet/datasets)", input=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512, seed=0))
     judge_sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=128, seed=0))
     sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
@@ -81,7 +82,7 @@ class IFFeedbackConfig:
     max_pairs_per_prompt: int = key(1, "preference pairs per prompt")
     require_stop: bool = key(True, "demonstrations / chosen responses must not be cut by max_tokens")
     limit_queries: int | None = key(None, "use only the first N queries")
-    eval_queries: str | None = key(None, "held-out queries: write eval_prompts.jsonl for `posttrain eval`", input=True)
+    eval_queries: InputSpec | None = key(None, "held-out queries: write eval_prompts.jsonl for `posttrain eval`", input=True)
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -198,7 +199,7 @@ def run(cfg: IFFeedbackConfig, ctx) -> dict:
     from reward.sandbox import SandboxLimits, SandboxPool
 
     seeds = load_seeds(ctx.resolve(cfg.seeds))
-    qrows = list(iter_records(ctx.resolve(cfg.queries)))[: cfg.limit_queries]
+    qrows = ctx.read_input(cfg.queries, None, cfg.limit_queries)
     if not qrows:
         raise ValueError(f"{cfg.queries}: no queries")
     rng_seed = ctx.seed
@@ -296,7 +297,7 @@ def run(cfg: IFFeedbackConfig, ctx) -> dict:
         _write_verifiers(ctx.out_dir / "verifiers.jsonl", [{**{k: instructions[i][k] for k in ("id", "instruction", "category", "origin")},
                                                             "functions": cv[i]["functions"], "cases": cv[i]["cases"]} for i in kept])
         if cfg.eval_queries:
-            _write_eval_prompts(ctx.out_dir / "eval_prompts.jsonl", list(iter_records(ctx.resolve(cfg.eval_queries))),
+            _write_eval_prompts(ctx.out_dir / "eval_prompts.jsonl", ctx.read_input(cfg.eval_queries, None),
                                 [instructions[i] | {"functions": cv[i]["functions"]} for i in kept])
         # 5. responses
         prompts, pmeta = {}, {}

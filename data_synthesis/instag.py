@@ -46,6 +46,7 @@ from typing import Any
 
 from data_synthesis.common import extract_json, instruction_text, load_instructions
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
 from posttrain.core.records import RecordWriter, iter_records, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
@@ -56,7 +57,7 @@ STEP_NAMES = ("frequency", "rule", "semantic", "association")
 class InstagConfig:
     """Keys of stage ``instag`` (InsTag tagging and tag normalisation)."""
 
-    input: str = key(doc="instruction records (prompt or demonstration records)", input=True)
+    input: InputSpec = key(doc="instruction records (prompt or demonstration records)", input=True)
     sampler: SamplerConfig | None = key(None, "default: the recipe's sampler section")
     model: str | None = key(None, "default: the recipe's model.path", model=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
@@ -417,7 +418,7 @@ def tag_instructions(sampler, items: list[dict], cfg: InstagConfig, writer: Reco
 
 def run(cfg: InstagConfig, ctx) -> dict:
     """Entry point of stage kind ``instag``."""
-    items = load_instructions(ctx.resolve(cfg.input), cfg.limit)
+    items = load_instructions(ctx.read_input(cfg.input, None), cfg.limit)
     for it in items:
         it["text"] = instruction_text(it)
     raw_path = ctx.out_dir / "raw_tags.jsonl"

@@ -32,6 +32,7 @@ from data_synthesis import paths
 from data_synthesis.common import build_prompt, get_field, open_outputs
 from reward import answers as mv
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec, input_label
 from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
@@ -44,7 +45,7 @@ DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer w
 class RejectionSamplingConfig:
     """Keys of stage ``rejection_sampling``."""
 
-    input: str = key(doc="prompt records (JSONL/Parquet/datasets) with a reference answer", input=True)
+    input: InputSpec = key(doc="prompt records (JSONL/Parquet/datasets) with a reference answer", input="prompt")
     answer_field: str = key("meta.answer", "dotted path of the reference answer in each record (\"answer\", \"meta.answer\")")
     k: int = key(8, "reasoning paths sampled per problem (overrides sampling.n)")
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.8, max_tokens=512))
@@ -114,9 +115,9 @@ def judge_paths(texts: list[str], finish_reasons: list[str], reference: str, cfg
 
 def run(cfg: RejectionSamplingConfig, ctx) -> dict:
     """Entry point of stage kind ``rejection_sampling``."""
-    src = ctx.resolve(cfg.input)
+    src = input_label(cfg.input)
     problems = []
-    for rec in iter_records(src, "prompt"):
+    for rec in ctx.read_input(cfg.input, "prompt"):
         ref = mv.reference_answer(get_field(rec, cfg.answer_field))
         problems.append((rec["id"], build_prompt(rec, cfg.system_prompt, cfg.instruction), ref))
     if cfg.limit is not None:

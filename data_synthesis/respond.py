@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from data_synthesis.common import load_instructions
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
 from posttrain.core.records import RecordWriter, iter_records, record_id, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
@@ -52,7 +53,7 @@ class Generator:
 class RespondConfig:
     """Keys of stage ``respond`` (multi-response generation for annotation)."""
 
-    input: str = key(doc="instruction records (e.g. @evolve)", input=True)
+    input: InputSpec = key(doc="instruction records (e.g. @evolve)", input=True)
     generators: list[Generator] = field(default_factory=lambda: [
         Generator(label="t0.7", sampling=SamplingParams(n=2, temperature=0.7, max_tokens=256)),
         Generator(label="t1.0", sampling=SamplingParams(n=2, temperature=1.0, max_tokens=256))])
@@ -98,7 +99,7 @@ def build_tasks(instructions: list[dict], by_generator: dict[tuple[str, str], li
 
 def run(cfg: RespondConfig, ctx) -> dict:
     """Entry point of stage kind ``respond``."""
-    instructions = load_instructions(ctx.resolve(cfg.input), cfg.limit)
+    instructions = load_instructions(ctx.read_input(cfg.input, None), cfg.limit)
     path = ctx.out_dir / "responses.jsonl"
     with RecordWriter(path, "prompt") as w:
         for g in cfg.generators:

@@ -44,6 +44,7 @@ from typing import Literal
 
 from data_synthesis.common import extract_json, instruction_text
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
 from posttrain.core.records import RecordWriter, iter_records, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
@@ -52,7 +53,7 @@ from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 class SelectConfig:
     """Keys of stage ``select`` (complexity-first diverse sampling)."""
 
-    input: str = key(doc="tagged records (stage instag's records.jsonl or folder)", input=True)
+    input: InputSpec = key(doc="tagged records (stage instag's records.jsonl or folder)", input=True)
     budget: int = key(100, "how many instructions to select")
     scoring: Literal["none", "heuristic", "llm"] = key("heuristic", "richness/completeness scores (see module doc)")
     min_completeness: float = key(0.0, "drop instructions whose completeness score is below this (0..1)")
@@ -221,7 +222,7 @@ def _llm_scores(cfg: SelectConfig, ctx, recs: list[dict], texts: list[str]) -> t
 
 def run(cfg: SelectConfig, ctx) -> dict:
     """Entry point of stage kind ``select``."""
-    recs = list(iter_records(ctx.resolve(cfg.input)))
+    recs = ctx.read_input(cfg.input, None)
     texts = [instruction_text(r) for r in recs]
     tags = [list((r.get("meta") or {}).get("tags") or []) for r in recs]
     judge_failed = 0

@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import input_label as _label
 from posttrain.core.devices import torch_dtype
 from posttrain.core.distributed import barrier, is_main_process, setup_distributed
 from posttrain.core.errors import BadInput
-from posttrain.core.records import iter_records
 from posttrain.core.trainkit import (LoraSection, ScheduleMixin, TrainArgs, begin, dataset_on_disk, finish,
                                      lora_config, trl_args)
 
@@ -63,8 +64,8 @@ def _reward_train_defaults() -> TrainArgs:
 class RewardStageConfig:
     """Stage ``reward``: Bradley-Terry reward model (sequence-classification head) on preference records."""
 
-    input: str = key(doc="preference records (file or @stage)", input=True)
-    eval_input: str | None = key(None, "held-out preferences; unset: split eval_fraction off input", input=True)
+    input: InputSpec = key(doc="preference records (file or @stage)", input="preference")
+    eval_input: InputSpec | None = key(None, "held-out preferences; unset: split eval_fraction off input", input="preference")
     eval_fraction: float = key(0.1, "share of input held out when eval_input is unset (0: no held-out eval)")
     split_by: Literal["prompt", "row"] = key("prompt", "held-out unit: whole prompts (no prompt in both) or rows")
     model: str | None = key(None, "starting model: policy/SFT folder or a reward folder (default: recipe model.path)",
@@ -277,15 +278,6 @@ def build_reward_trainer(cfg: RewardStageConfig, model_path: str, tokenizer: Any
 
 # ---------------------------------------------------------------- entry
 
-def _read(path: str, limit: int | None = None) -> list[dict]:
-    recs = []
-    for r in iter_records(path, "preference"):  # missing fields -> RecordError naming file:line
-        recs.append(r)
-        if limit is not None and len(recs) >= limit:
-            break
-    return recs
-
-
 def run(cfg: RewardStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``reward``."""
     tr = begin(cfg, ctx)
@@ -295,12 +287,13 @@ def run(cfg: RewardStageConfig, ctx: Any) -> dict:
                        "tokenizer.chat_template in the recipe to a Jinja file)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # sequence classifiers need a pad id to find the last token
-    src = ctx.resolve(cfg.input)
-    records, stats = clean_pairs(_read(src, cfg.limit), src)
-    esrc = ctx.resolve(cfg.eval_input) if cfg.eval_input else src
+    src = _label(cfg.input)
+    records, stats = clean_pairs(ctx.read_input(cfg.input, "preference", cfg.limit), src)
+    stats["input"] = ctx.input_stats
+    esrc = _label(cfg.eval_input) if cfg.eval_input else src
     if cfg.eval_input:
         train_recs = records
-        eval_recs, estats = clean_pairs(_read(esrc), esrc)
+        eval_recs, estats = clean_pairs(ctx.read_input(cfg.eval_input, "preference"), esrc)
         stats["eval_file"] = estats
     else:
         train_recs, eval_recs = split_heldout(records, cfg.eval_fraction, cfg.split_by, tr.seed)

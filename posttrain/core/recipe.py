@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
@@ -45,6 +45,8 @@ from posttrain.core import modelref
 from posttrain.core.config import ConfigError, build, convert, key, load_yaml, parse_scalar, to_dict
 from posttrain.core.devices import DTYPES
 from posttrain.core.distributed import barrier, is_main_process
+from posttrain.core.errors import BadInput
+from posttrain.core.records import check_input
 from posttrain.core.sampling.base import SamplerConfig
 
 StageTable = dict[str, tuple[type, Callable[[Any, Any], Any]]]
@@ -147,6 +149,11 @@ def apply_override(data: dict, override: str, source: str) -> None:
 
 # ---------------------------------------------------------------- loading
 
+def kind_of(input_meta: Any, inherited: str | None = None) -> str | None:
+    """The record kind an input field declares (``key(input="preference")``), or the enclosing one's."""
+    return input_meta if isinstance(input_meta, str) else inherited
+
+
 class Recipe:
     """A validated recipe: ``Recipe.load(path, stages, overrides)`` then ``run()``.
 
@@ -219,7 +226,7 @@ class Recipe:
 
     @staticmethod
     def _check_refs(cfg: Any, where: str, src: str, recipe_dir: Path, earlier: set[str], check_models: bool,
-                    skip: tuple[str, ...] = ()) -> None:
+                    skip: tuple[str, ...] = (), kind: str | None = None) -> None:
         """Input files must exist, ``@refs`` must name earlier stages, model references must resolve."""
         for f in dataclasses.fields(cfg):
             if f.name in skip:
@@ -238,17 +245,25 @@ class Recipe:
                 continue
             for j, v in enumerate(val if isinstance(val, list) else [val]):
                 k = f"{keypath}[{j}]" if isinstance(val, list) else keypath
+                if dataclasses.is_dataclass(v):  # a mixture source: its path is checked as this input's kind
+                    Recipe._check_refs(v, k, src, recipe_dir, earlier, check_models, kind=kind_of(is_input))
+                    continue
                 if v.startswith("@"):
                     if v[1:].split("/")[0] not in earlier:
                         raise ConfigError(f"{src}: {k}: {v!r} must name an earlier stage (earlier: {', '.join(sorted(earlier)) or 'none'})")
-                elif (recipe_dir / v).exists() and not Path(v).exists():
                     continue
-                elif is_model:
-                    why = modelref.check(v) if check_models else None
+                local = Path(v) if Path(v).exists() else recipe_dir / v
+                if is_model:
+                    why = modelref.check(v) if (check_models and not local.exists()) else None
                     if why:
                         raise ConfigError(f"{src}: {k}: cannot resolve model reference: {why}")
-                elif not Path(v).exists():
+                elif not local.exists():
                     raise ConfigError(f"{src}: {k}: input file not found: {v}")
+                elif kind_of(is_input, kind) is not None:
+                    try:  # the data a later stage reads is checked now, before earlier stages spend hours
+                        check_input(local, kind_of(is_input, kind))
+                    except BadInput as e:
+                        raise ConfigError(f"{src}: {k}: {e}") from None
 
     # -- paths
     def resolve(self, value: str | None) -> str | None:

@@ -171,6 +171,14 @@ def iter_records(path: str | os.PathLike, kind: str | None = None) -> Iterator[d
             yield validate(rec, kind, f"{p}:{n}")
 
 
+def check_input(path: str | os.PathLike, kind: str | None) -> int:
+    """Validate every record of an input file as ``kind`` (what ``posttrain validate`` runs); return the count.
+
+    Raises RecordError naming the file and row of the first bad record.
+    """
+    return sum(1 for _ in iter_records(path, kind))
+
+
 def read_records(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """Read all records of ``path`` (see ``iter_records``)."""
     return list(iter_records(path, kind))

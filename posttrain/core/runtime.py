@@ -73,6 +73,7 @@ class StageContext:
     out_dir: Path
     samplers: SamplerPool = field(default_factory=SamplerPool)
     models_used: dict[str, str] = field(default_factory=dict)  # role -> resolved path, for the manifest
+    input_stats: dict = field(default_factory=dict)  # what read_input read (rows per source), for the manifest
 
     @property
     def seed(self) -> int:
@@ -133,6 +134,17 @@ class StageContext:
         tok = (self.resolve_model(cfg.tokenizer, "sampler_tokenizer") if cfg.tokenizer else None) \
             or self.tokenizer_path(model_dir)
         return self.samplers.get(cfg, model_dir, tok, self.chat_template)
+
+    def read_input(self, spec: Any, kind: str | None, limit: int | None = None) -> list[dict]:
+        """The records of a stage's ``input`` (a path or a mixture), normalised to ``kind``.
+
+        The read stats (rows per source, realised mixture counts) are kept in ``input_stats``.
+        """
+        from posttrain.core.inputs import read_input
+
+        recs, stats = read_input(spec, kind, self.resolve, self.seed, limit)
+        self.input_stats = stats
+        return recs
 
     def rng(self) -> random.Random:
         """A random generator seeded for this stage."""

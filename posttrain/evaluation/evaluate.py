@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.core.config import key
-from posttrain.core.records import iter_records, to_chat_prompt
+from posttrain.core.inputs import InputSpec
+from posttrain.core.records import to_chat_prompt
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams, make_sampler
 
 
@@ -35,7 +36,7 @@ from posttrain.core.sampling.base import SamplerConfig, SamplingParams, make_sam
 class EvalConfig:
     """Keys of stage ``eval``."""
 
-    input: str = key(doc="held-out prompt records", input=True)
+    input: InputSpec = key(doc="held-out prompt records", input="prompt")
     checkpoints: list[str] = key(doc="model folders, hub ids or @stage refs, one result row each", model=True)
     labels: list[str] | None = key(None, "row labels (default: the stage name of each @ref, or the folder name)")
     reference: str | None = key(None, "model for the KL estimate (e.g. the SFT model); none: no KL", model=True)
@@ -149,9 +150,9 @@ def evaluate(cfg: EvalConfig, out_dir: Path, resolve: Any = lambda x: x, sampler
     """
     resolve_model = resolve_model or resolve
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = list(iter_records(resolve(cfg.input), "prompt"))
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
+    from posttrain.core.inputs import read_input
+
+    records, _ = read_input(cfg.input, "prompt", resolve, cfg.seed, cfg.limit)
     if not records:
         raise ValueError(f"{cfg.input}: no evaluation records")
     labels = cfg.labels or [label_of(c) for c in cfg.checkpoints]

@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import input_label as _label
 from posttrain.core.distributed import is_main_process, setup_distributed
 from posttrain.core.errors import BadInput
 from posttrain.core.merging import MergingConfig
-from posttrain.core.records import iter_records
 from posttrain.core.trainkit import (LoraSection, ScheduleMixin, TrainArgs, begin, dataset_on_disk, finish,
                                      load_causal_lm, lora_config, trl_args)
 
@@ -63,8 +64,8 @@ class DPOTrainArgs(TrainArgs):
 class DPOStageConfig:
     """Stage ``dpo``: offline DPO on preference pairs (sigmoid loss by default)."""
 
-    input: str = key(doc="preference records (file or @stage)", input=True)
-    eval_input: str | None = key(None, "held-out preference records", input=True)
+    input: InputSpec = key(doc="preference records (file or @stage)", input="preference")
+    eval_input: InputSpec | None = key(None, "held-out preference records", input="preference")
     eval_fraction: float = key(0.0, "without eval_input: hold out this fraction of input (seeded) for evaluation")
     model: str | None = key(None, "starting policy (default: recipe model.path)", model=True)
     ref_model: str | None = key(None, "reference model (default: the starting policy)", model=True)
@@ -180,15 +181,12 @@ def run(cfg: DPOStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``dpo``."""
     tr = begin(cfg, ctx)
     cfg = tr.cfg
-    src = ctx.resolve(cfg.input)
-    records = list(iter_records(src, "preference"))
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
-    rows, stats = pair_rows(records, src)
+    src = _label(cfg.input)
+    rows, stats = pair_rows(ctx.read_input(cfg.input, "preference", cfg.limit), src)
+    stats["input"] = ctx.input_stats
     eval_rows = None
     if cfg.eval_input:
-        esrc = ctx.resolve(cfg.eval_input)
-        eval_rows, stats["eval"] = pair_rows(list(iter_records(esrc, "preference")), esrc)
+        eval_rows, stats["eval"] = pair_rows(ctx.read_input(cfg.eval_input, "preference"), _label(cfg.eval_input))
     elif cfg.eval_fraction > 0:
         random.Random(ctx.seed).shuffle(rows)
         k = max(1, int(len(rows) * cfg.eval_fraction))

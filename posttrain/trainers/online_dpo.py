@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
 from posttrain.core.devices import DTYPES
 from posttrain.core.merging import MergingConfig
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
@@ -59,8 +60,8 @@ class OnlineTrainArgs(OptimArgs):
 class OnlineDPOConfig:
     """Keys of stage ``online_dpo``."""
 
-    input: str = key(doc="prompt records (prompt or messages); a math reference in answer/reference/meta.answer",
-                     input=True)
+    input: InputSpec = key(doc="prompt records (prompt or messages); a math reference in answer/reference/meta.answer",
+                     input="prompt")
     model: str | None = key(None, "starting policy = DPO reference; default: the recipe's model.path", model=True)
     reward_model: str | None = key(None, "sequence-classification reward model folder (e.g. @reward)", model=True)
     reward_model_weight: float = key(1.0, "weight of the reward model's score in the total reward")

@@ -27,7 +27,7 @@ from typing import Any
 from posttrain.core.devices import dtype_name, resolve_device, torch_dtype
 from posttrain.core.distributed import Dist
 from posttrain.core.losses import dpo_loss, response_logprobs
-from posttrain.core.records import RecordWriter, iter_records, preference, record_id, to_chat_prompt
+from posttrain.core.records import RecordWriter, preference, record_id, to_chat_prompt
 from posttrain.core.sampling.base import Completion, SamplingParams, stable_seed
 from posttrain.core.trainkit import lora_config, lr_at, set_lr, tensorboard_writer
 from posttrain.core.weight_sync import SyncError, export_weights, push_weights, set_asleep, verify_sync
@@ -67,7 +67,7 @@ class OnlineDPOLoop:
             1e-3 if self.dtype == torch.float32 else 5e-2)
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self.seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
-        self.records = list(iter_records(ctx.resolve(cfg.input)))[: cfg.limit]
+        self.records = ctx.read_input(cfg.input, None, cfg.limit)
         if not self.records:
             raise ValueError(f"stage {ctx.spec.name}: {cfg.input}: no prompts")
         self.prompts = [to_chat_prompt(r) for r in self.records]

@@ -45,9 +45,10 @@ from typing import Any, Literal
 from posttrain.core.attention import pick_attention
 from posttrain.core.chat import tokenize_conversation, training_template
 from posttrain.core.config import key
+from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import input_label as _label
 from posttrain.core.distributed import is_main_process
 from posttrain.core.errors import BadInput
-from posttrain.core.records import iter_records
 from posttrain.core.trainkit import (LoraSection, ScheduleMixin, TrainArgs, begin, dataset_on_disk, finish,
                                      load_causal_lm, lora_config, trl_args)
 
@@ -60,8 +61,8 @@ log = logging.getLogger("posttrain")
 class SFTStageConfig:
     """Stage ``sft``: supervised fine-tuning on demonstrations (assistant-only loss, packed, padding-free)."""
 
-    input: str = key(doc="demonstration records (file or @stage)", input=True)
-    eval_input: str | None = key(None, "held-out demonstrations: eval loss logged at the end", input=True)
+    input: InputSpec = key(doc="demonstration records (file or @stage)", input="demonstration")
+    eval_input: InputSpec | None = key(None, "held-out demonstrations: eval loss logged at the end", input="demonstration")
     model: str | None = key(None, "model to fine-tune (default: recipe model.path)", model=True)
     max_length: int = key(4096, "tokens per packed row (Qwen2 report: 32768)")
     overlong: Literal["truncate", "drop"] = key("drop", "rows longer than max_length: cut at max_length, or skip")
@@ -168,17 +169,15 @@ def run(cfg: SFTStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``sft``."""
     tr = begin(cfg, ctx, packed=cfg.packing)
     cfg, tok = tr.cfg, tr.tokenizer
-    src = ctx.resolve(cfg.input)
+    src = _label(cfg.input)
     template = training_template(tok, ctx.tokenizer_path(tr.model_path)) if cfg.assistant_only_loss else None
-    records = list(iter_records(src, "demonstration"))
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
+    records = ctx.read_input(cfg.input, "demonstration", cfg.limit)
     rows, stats = prepare_rows(records, tok, template, cfg.max_length, cfg.overlong, cfg.assistant_only_loss, src)
+    stats["input"] = ctx.input_stats
     eval_rows = None
     if cfg.eval_input:
-        esrc = ctx.resolve(cfg.eval_input)
-        eval_rows, estats = prepare_rows(list(iter_records(esrc, "demonstration")), tok, template, cfg.max_length,
-                                         cfg.overlong, cfg.assistant_only_loss, esrc)
+        eval_rows, estats = prepare_rows(ctx.read_input(cfg.eval_input, "demonstration"), tok, template,
+                                         cfg.max_length, cfg.overlong, cfg.assistant_only_loss, _label(cfg.eval_input))
         stats["eval"] = estats
     for k in ("skipped_no_assistant", "truncated", "dropped_overlong", "dropped_no_trainable"):
         if stats[k]:
