@@ -8,4 +8,5 @@ demo: setup
 	.venv/bin/posttrain run recipes/demo/cpu.yaml
 
 test: setup
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q

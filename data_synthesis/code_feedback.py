@@ -15,12 +15,15 @@ with the largest agreement (solutions in group x tests passed, as in CodeT) is t
 consensus, and tests that group fails are dropped. Given tests are trusted unless
 ``cross_check_given``. A solution passes when it passes all kept tests.
 
-Output (stage folder): ``demonstrations.jsonl`` (passing solutions, distinct code,
-up to ``max_per_problem``), ``preferences.jsonl`` (passing vs failing solutions of
-the same problem), both with pass counts in ``meta``; ``problems.jsonl`` (the
-commit log with per-problem counts and the kept tests); ``report.json``.
-Resumable like ``rejection_sampling``: committed problems are skipped, records of
-an interrupted problem are dropped and redone.
+Output (stage folder, written whole at the end): ``demonstrations.jsonl`` (passing
+solutions, distinct code, up to ``max_per_problem``), ``preferences.jsonl`` (passing vs
+failing solutions of the same problem), both with pass counts in ``meta``;
+``problems.jsonl`` (per-problem counts and the kept tests); ``report.json``.
+Resumable: solutions and tests are sampled ``chunk_size`` problems per sampler call and
+cached per problem (``steps/solutions.jsonl``, ``steps/tests.jsonl``, seeded per
+problem); the sandbox runs of a problem are cached in ``steps/runs.jsonl``. A killed run
+redoes only what is missing. Fewer than ``min_success_rate`` solutions with a code block
+stop the stage before it writes anything.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from data_synthesis.common import build_prompt, get_field, open_outputs
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, build_prompt, check_success, get_field,
+                                   lazy_sampler, map_step, sample_step, sampler_name, step_path, unique_ids)
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec, input_label
-from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id
+from posttrain.core.records import demonstration, preference, record_id, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 from reward.code_tests import (extract_code, extract_tests, load_failed, normalize_tests, select_tests,
                                test_job)
@@ -75,7 +78,8 @@ class CodeFeedbackConfig:
     allow_network: bool = key(False, "run code even where the sandbox cannot isolate it (no namespaces): unsafe")
     max_per_problem: int = key(4, "passing solutions kept as demonstrations per problem")
     max_pairs_per_problem: int = key(4, "passing-vs-failing preference pairs per problem")
-    chunk_size: int = key(64, "problems per sampler call; the resume granularity")
+    chunk_size: int = key(64, CHUNK_DOC + "; also the problems whose sandbox runs go to the pool together")
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a solution with a code block)")
     limit: int | None = key(None, "use only the first N problems")
 
     def check(self) -> None:
@@ -84,6 +88,8 @@ class CodeFeedbackConfig:
             raise ValueError("n_solutions, chunk_size and min_tests must be >= 1")
         if self.timeout_s <= 0 or self.test_timeout_s <= 0:
             raise ValueError("timeout_s and test_timeout_s must be > 0")
+        if not 0 <= self.min_success_rate <= 1:
+            raise ValueError("min_success_rate must be in [0, 1]")
 
 
 # ---------------------------------------------------------------- parsing (pure)
@@ -100,73 +106,84 @@ def normalize_code(code: str) -> str:
 
 # ---------------------------------------------------------------- the stage
 
+def _test_prompt(cfg: CodeFeedbackConfig, p: dict) -> list[dict]:
+    return [{"role": "user", "content": cfg.test_prompt.replace("{n}", str(cfg.tests_per_sample))
+             .replace("{entry_point}", p["entry_point"] or "solution").replace("{problem}", p["text"])}]
+
+
 def run(cfg: CodeFeedbackConfig, ctx) -> dict:
     """Entry point of stage kind ``code_feedback``."""
-    from reward.sandbox import SandboxLimits, SandboxPool
-
     src = input_label(cfg.input)
-    problems = []
+    problems: dict[str, dict] = {}
     for n, rec in enumerate(ctx.read_input(cfg.input, "prompt"), 1):
         ep = get_field(rec, cfg.entry_point_field)
         tests = normalize_tests(get_field(rec, cfg.tests_field), ep, f"{src}:{n}")
         instr = cfg.solution_instruction.replace("{entry_point}", ep or "solution")
-        problems.append({"id": rec["id"], "prompt": build_prompt(rec, cfg.system_prompt, instr),
-                         "text": rec["prompt"][-1]["content"], "entry_point": ep, "given": tests})
+        problems.setdefault(str(rec["id"]), {"id": str(rec["id"]), "prompt": build_prompt(rec, cfg.system_prompt, instr),
+                                             "text": rec["prompt"][-1]["content"], "entry_point": ep, "given": tests})
     if cfg.limit is not None:
-        problems = problems[: cfg.limit]
-    log_path, demo_path, pref_path, done = open_outputs(ctx.out_dir)
-    todo = [p for p in problems if p["id"] not in done]
-    sol_params = replace(cfg.sampling, n=cfg.n_solutions)
-    test_params = replace(cfg.test_sampling or cfg.sampling, n=cfg.n_test_samples)
-    bar = ctx.progress(total=len(problems), initial=len(problems) - len(todo))
-    pool = SandboxPool(cfg.workers, SandboxLimits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
-                                                  allow_network=cfg.allow_network))
+        problems = dict(list(problems.items())[: cfg.limit])
+    get_sampler = lazy_sampler(ctx, cfg.sampler, cfg.model)
+    sols = sample_step(ctx, get_sampler, "solutions", {pid: p["prompt"] for pid, p in problems.items()},
+                       replace(cfg.sampling, n=cfg.n_solutions), cfg.chunk_size)
+    want = {pid: _test_prompt(cfg, p) for pid, p in problems.items() if cfg.generate_tests or not p["given"]}
+    written = sample_step(ctx, get_sampler, "tests", want, replace(cfg.test_sampling or cfg.sampling, n=cfg.n_test_samples),
+                          cfg.chunk_size) if want else {}
+    cand: dict[str, tuple[list[str], list[bool]]] = {}
+    codes: dict[str, list[str | None]] = {}
+    for pid, p in problems.items():
+        tests = list(p["given"])
+        trusted = [not cfg.cross_check_given] * len(tests)
+        for t in (x for c in written.get(pid, []) for x in extract_tests(c["text"])):
+            if t not in tests and len(tests) < max(cfg.max_tests, len(p["given"])):
+                tests.append(t)
+                trusted.append(False)
+        cand[pid] = (tests, trusted)
+        codes[pid] = [extract_code(c["text"]) for c in sols[pid]]
+    n_sol = sum(len(v) for v in codes.values())
+    check_success(ctx.spec.name, "solutions with a code block", sum(c is not None for v in codes.values() for c in v),
+                  n_sol, cfg.min_success_rate, [step_path(ctx, "solutions")])
+    pool_box: list = []
+
+    def run_chunk(chunk: list[str]) -> list[dict]:
+        from reward.sandbox import SandboxLimits, SandboxPool
+
+        if not pool_box:
+            pool_box.append(SandboxPool(cfg.workers, SandboxLimits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
+                                                                   allow_network=cfg.allow_network)))
+        jobs, owners = [], []
+        for pid in chunk:
+            for j, code in enumerate(codes[pid]):
+                if code is not None and cand[pid][0]:
+                    jobs.append(test_job(code, cand[pid][0], cfg.test_timeout_s))
+                    owners.append((pid, j))
+        out: dict[str, dict] = {pid: {} for pid in chunk}
+        for (pid, j), (res, vals) in zip(owners, pool_box[0].call_many(jobs)):
+            out[pid][str(j)] = [res.status, vals]
+        return [out[pid] for pid in chunk]
+
     try:
-        with RecordWriter(demo_path, "demonstration") as dw, RecordWriter(pref_path, "preference") as pw, \
-                RecordWriter(log_path, "prompt") as lw:
-            sampler = ctx.sampler(cfg.sampler, cfg.model) if todo else None
-            source = f"code_feedback:{getattr(sampler, 'name', '?')}"
-            for start in range(0, len(todo), cfg.chunk_size):
-                chunk = todo[start: start + cfg.chunk_size]
-                sols = sampler.generate([p["prompt"] for p in chunk], sol_params)
-                want = [p for p in chunk if cfg.generate_tests or not p["given"]]
-                test_outs = sampler.generate([[{"role": "user", "content": cfg.test_prompt.replace(
-                    "{n}", str(cfg.tests_per_sample)).replace("{entry_point}", p["entry_point"] or "solution")
-                    .replace("{problem}", p["text"])}] for p in want], test_params) if want else []
-                written = {p["id"]: [c.text for c in o] for p, o in zip(want, test_outs)}
-                jobs, owners = [], []
-                cand: list[tuple[list[str], list[bool]]] = []
-                codes: list[list[str | None]] = []
-                for p, comps in zip(chunk, sols):
-                    tests = list(p["given"])
-                    trusted = [not cfg.cross_check_given] * len(tests)
-                    for t in (x for text in written.get(p["id"], []) for x in extract_tests(text)):
-                        if t not in tests and len(tests) < max(cfg.max_tests, len(p["given"])):
-                            tests.append(t)
-                            trusted.append(False)
-                    cand.append((tests, trusted))
-                    cs = [extract_code(c.text) for c in comps]
-                    codes.append(cs)
-                    for j, code in enumerate(cs):
-                        if code is not None and tests:
-                            jobs.append(test_job(code, tests, cfg.test_timeout_s))
-                            owners.append((len(codes) - 1, j))
-                results = pool.call_many(jobs)
-                runs: dict[tuple[int, int], tuple] = dict(zip(owners, results))
-                for i, (p, comps) in enumerate(zip(chunk, sols)):
-                    stats = _judge_problem(p, [c.text for c in comps], codes[i], cand[i],
-                                           {j: runs[(i, j)] for j in range(len(comps)) if (i, j) in runs},
-                                           cfg, dw, pw, source)
-                    lw.write({"id": p["id"], "prompt": p["prompt"], "source": source, "meta": stats})  # commit
-                    bar.update(1)
+        runs = map_step(ctx, "runs", list(problems), run_chunk, cfg.chunk_size)
     finally:
-        pool.close()
-        bar.close()
-    return _report(ctx, log_path, demo_path, pref_path)
+        if pool_box:
+            pool_box[0].close()
+    source = f"code_feedback:{sampler_name(ctx, cfg.sampler)}"
+    demos: list[dict] = []
+    prefs: list[dict] = []
+    rows = []
+    for pid, p in problems.items():
+        r = {int(j): v for j, v in runs[pid].items()}
+        st = _judge_problem(p, [c["text"] for c in sols[pid]], codes[pid], cand[pid], r, cfg, demos, prefs, source)
+        rows.append({"id": pid, "prompt": p["prompt"], "source": source, "meta": st})
+    demos, prefs = unique_ids(demos), unique_ids(prefs)
+    write_records(ctx.out_dir / "demonstrations.jsonl", demos, "demonstration")
+    write_records(ctx.out_dir / "preferences.jsonl", prefs, "preference")
+    write_records(ctx.out_dir / "problems.jsonl", rows, "prompt")
+    return _report(ctx, [r["meta"] for r in rows], len(demos), len(prefs))
 
 
 def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tuple[list[str], list[bool]],
-                   runs: dict[int, tuple], cfg: CodeFeedbackConfig, dw: RecordWriter, pw: RecordWriter,
+                   runs: dict[int, list], cfg: CodeFeedbackConfig, demos: list[dict], prefs: list[dict],
                    source: str) -> dict:
     tests, trusted = cand
     # pass matrix over solutions that ran (a crash of the whole process fails every test)
@@ -177,7 +194,7 @@ def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tup
     passed = {j: sum(matrix[ran.index(j)][t] for t in kept) if j in runs else 0 for j in range(len(texts))}
     ok = [j for j in range(len(texts)) if j in runs and len(kept) >= cfg.min_tests and passed[j] == len(kept)]
     status = {j: ("malformed" if codes[j] is None else "pass" if j in ok else "untested" if j not in runs else
-                  runs[j][0].status if runs[j][0].status != "ok" else "fail") for j in range(len(texts))}
+                  runs[j][0] if runs[j][0] != "ok" else "fail") for j in range(len(texts))}
     prompt = p["prompt"]
 
     def meta(j: int) -> dict:
@@ -185,14 +202,14 @@ def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tup
 
     seen, keep = set(), []
     for j in ok:
-        key = normalize_code(codes[j] or "")
-        if key not in seen and len(keep) < cfg.max_per_problem:
-            seen.add(key)
+        k = normalize_code(codes[j] or "")
+        if k not in seen and len(keep) < cfg.max_per_problem:
+            seen.add(k)
             keep.append(j)
     for j in keep:
-        dw.write(demonstration(prompt + [{"role": "assistant", "content": texts[j]}], source=source,
-                               id=record_id("cf-demo", p["id"], texts[j]),
-                               meta={**meta(j), "n_passing": len(ok), "n_solutions": len(texts)}))
+        demos.append(demonstration(prompt + [{"role": "assistant", "content": texts[j]}], source=source,
+                                   id=record_id("cf-demo", p["id"], texts[j]),
+                                   meta={**meta(j), "n_passing": len(ok), "n_solutions": len(texts)}))
     # failing: most-passed first (hard negatives), then errors, malformed last; distinct texts only
     fails, fseen = [], set()
     for j in sorted((j for j in range(len(texts)) if j not in ok), key=lambda j: (codes[j] is None, -passed[j], j)):
@@ -203,10 +220,11 @@ def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tup
     if keep and fails and len(kept) >= cfg.min_tests:
         for i in range(min(cfg.max_pairs_per_problem, max(len(keep), len(fails)))):
             a, b = keep[i % len(keep)], fails[i % len(fails)]
-            pw.write(preference(prompt, texts[a], texts[b], source=source, margin=(passed[a] - passed[b]) / len(kept),
-                                id=record_id("cf-pref", p["id"], texts[a], texts[b]),
-                                meta={"problem_id": p["id"], "chosen_passed": passed[a], "rejected_passed": passed[b],
-                                      "total": len(kept), "rejected_status": status[b]}))
+            prefs.append(preference(prompt, texts[a], texts[b], source=source, margin=(passed[a] - passed[b]) / len(kept),
+                                    id=record_id("cf-pref", p["id"], texts[a], texts[b]),
+                                    meta={"problem_id": p["id"], "chosen_passed": passed[a],
+                                          "rejected_passed": passed[b], "total": len(kept),
+                                          "rejected_status": status[b]}))
             pairs.append((a, b))
     return {"problem_id": p["id"], "solutions": len(texts), "malformed": sum(c is None for c in codes),
             "tests_given": len(p["given"]), "tests_candidate": len(tests), "tests_kept": len(kept),
@@ -217,8 +235,7 @@ def _judge_problem(p: dict, texts: list[str], codes: list[str | None], cand: tup
             "kept_tests": [tests[t] for t in kept]}
 
 
-def _report(ctx, log_path: Path, demo_path: Path, pref_path: Path) -> dict:
-    rows = [r["meta"] for r in iter_records(log_path, "prompt")]
+def _report(ctx, rows: list[dict], n_demo: int, n_pref: int) -> dict:
     n_sol = sum(r["solutions"] for r in rows)
     summary = {
         "problems": len(rows),
@@ -227,8 +244,8 @@ def _report(ctx, log_path: Path, demo_path: Path, pref_path: Path) -> dict:
         "malformed_rate": round(sum(r["malformed"] for r in rows) / n_sol, 4) if n_sol else None,
         "tests_candidate": sum(r["tests_candidate"] for r in rows),
         "tests_kept": sum(r["tests_kept"] for r in rows),
-        "demonstrations": sum(1 for _ in iter_records(demo_path)) if demo_path.exists() else 0,
-        "preferences": sum(1 for _ in iter_records(pref_path)) if pref_path.exists() else 0,
+        "demonstrations": n_demo,
+        "preferences": n_pref,
     }
     ctx.write_json("report.json", {**summary, "per_problem": rows})
     return summary

@@ -6,19 +6,24 @@ Input: model replies, instruction/problem records, a stage's output folder. Outp
   quotes and Python literals tolerated) that a caller's ``want`` accepts, else None, so a
   malformed reply is counted, never fatal;
 * ``load_instructions`` / ``instruction_text`` / ``build_prompt`` / ``get_field``: records in;
-* resuming (the one way a synthesis stage resumes): every model call and sandbox run of a
-  step is cached in ``OUT/steps/STEP.jsonl`` by ``StepCache``, one flushed line
-  ``{"k": key, "v": value}`` per finished item; ``sample_step`` sends the missing prompts to the
-  sampler chunk by chunk and caches each chunk as soon as it returns; a killed stage re-reads
-  the caches and only redoes what is missing, and a torn last line (kill mid-write) is cut
-  away on open. Stages derive their records from the caches and write them whole at the end.
-  (``rejection_sampling`` and ``code_feedback`` still keep a per-problem commit log,
-  ``problems.jsonl``, via ``open_outputs``: see their docstrings.)
+* resuming, the one way a synthesis stage resumes: every model call and sandbox run of a step
+  is cached per item in ``OUT/steps/STEP.jsonl`` by ``StepCache`` (one line ``{"k": key, "v":
+  value}`` per finished item). ``sample_step`` sends the missing prompts to the sampler
+  ``chunk_size`` at a time and caches each chunk as soon as its call returns (a crash loses at
+  most one chunk; a re-run sends only what is missing); every prompt carries its own seed,
+  ``stable_seed(run seed, step, key, sampling.seed)``, so a resumed step gives the same
+  completions as an uninterrupted one. ``map_step`` does the same for sandbox runs and other
+  work. A chunk that raises is logged (step, chunk, what is committed) and the error goes up.
+  Stages derive their records from the caches and write them whole at the end
+  (``posttrain.core.records.write_records``: atomic), after ``check_success`` has refused a
+  run whose usable-output rate fell below the stage's ``min_success_rate`` (``LowSuccessRate``,
+  one line). A torn last cache line (kill mid-write) is cut away on open.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import os
@@ -27,12 +32,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from posttrain.core.errors import BadInput
+from posttrain.core.inputs import field_value
 from posttrain.core.records import repair_jsonl, to_chat_prompt
-from posttrain.core.sampling.base import Messages, Sampler, SamplingParams
+from posttrain.core.sampling.base import Messages, Sampler, SamplerConfig, SamplingParams, stable_seed
 from posttrain.core.text import fenced_blocks, norm_text
 
-__all__ = ["StepCache", "build_prompt", "extract_json", "get_field", "instruction_text", "load_instructions",
-           "loads_lenient", "norm_text", "open_outputs", "read_text_inputs", "sample_step"]
+__all__ = ["CHUNK_DOC", "DEFAULT_CHUNK_SIZE", "FLOOR_DOC", "LowSuccessRate", "StepCache", "build_prompt",
+           "check_success", "extract_json", "get_field", "instruction_text", "lazy_sampler", "load_instructions",
+           "loads_lenient", "map_step", "norm_text", "read_text_inputs", "safe_step_name", "sample_step", "sampler_name", "step_path",
+           "unique_ids"]
 
 log = logging.getLogger("posttrain")
 
@@ -177,71 +186,7 @@ def load_instructions(records: Iterable[dict], limit: int | None = None) -> list
     return out
 
 
-def get_field(rec: dict, dotted: str) -> Any:
-    """``rec["a"]["b"]`` for ``"a.b"``; None when any part is missing."""
-    node: Any = rec
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def drop_uncommitted(paths: list[Path], committed: set[str]) -> int:
-    """Remove records whose ``meta.problem_id`` is not committed (a problem interrupted half-way).
-
-    Rewrites each file atomically; returns how many records were dropped.
-    """
-    dropped = 0
-    for p in paths:
-        if not p.exists():
-            continue
-        keep, n = [], 0
-        for line in p.read_bytes().split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                n += 1  # a torn last line
-                continue
-            if (rec.get("meta") or {}).get("problem_id") in committed:
-                keep.append(line)
-            else:
-                n += 1
-        if n:
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_bytes(b"".join(x + b"\n" for x in keep))
-            os.replace(tmp, p)
-            dropped += n
-    return dropped
-
-
-def open_outputs(out: Path) -> tuple[Path, Path, Path, set[str]]:
-    """A per-problem stage's output paths (log, demonstrations, preferences) and its committed problem ids.
-
-    Records of problems that were interrupted half-way (not in the log) are dropped, so they are redone whole.
-    """
-    log_path = out / "problems.jsonl"
-    demo_path, pref_path = out / "demonstrations.jsonl", out / "preferences.jsonl"
-    done = committed_ids(log_path)
-    dropped = drop_uncommitted([demo_path, pref_path], done)
-    if dropped:
-        log.info("resume: dropped %d records of problems that were interrupted half-way", dropped)
-    return log_path, demo_path, pref_path, done
-
-
-def committed_ids(log_path: Path) -> set[str]:
-    """Ids of problems whose commit line is in ``problems.jsonl`` (a torn last line does not count)."""
-    if not log_path.exists():
-        return set()
-    ids = set()
-    for line in log_path.read_bytes().split(b"\n"):
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return ids
+get_field = field_value  # ``rec["a"]["b"]`` for ``"a.b"``; None when any part is missing (one implementation)
 
 
 def build_prompt(rec: dict, system_prompt: str | None, instruction: str) -> list[dict]:
@@ -254,8 +199,18 @@ def build_prompt(rec: dict, system_prompt: str | None, instruction: str) -> list
     return msgs
 
 
-
 # ---------------------------------------------------------------- resumable steps
+
+DEFAULT_CHUNK_SIZE = 256
+CHUNK_DOC = ("prompts per sampler call; each call's results are cached as soon as it returns, so a crash "
+             "loses at most one chunk (the resume granularity)")
+FLOOR_DOC = ("fail, writing nothing, when fewer than this share of the model calls gave usable output "
+             "(a dead server, a wrong chat template); 0 disables the check")
+
+
+class LowSuccessRate(BadInput):
+    """Too few model calls of a step gave usable output: the stage stops before writing anything."""
+
 
 class StepCache:
     """Append-only JSONL mapping ``key -> value`` for one step of a stage (see module docstring)."""
@@ -277,7 +232,7 @@ class StepCache:
                 row = json.loads(line)
                 self.data[str(row["k"])] = row["v"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{self.path}:{n}: corrupt step cache line; move the file away to redo this step") from None
+                raise BadInput(f"{self.path}:{n}: corrupt step cache line; move the file away to redo this step") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.data
@@ -287,12 +242,15 @@ class StepCache:
         return self.data.get(key, default)
 
     def put(self, key: str, value: Any) -> None:
-        """Store ``value`` under ``key`` (one flushed line); a key already present is kept as is."""
+        """Store ``value`` under ``key`` (one line, flushed by ``flush``); a key already present is kept as is."""
         if key in self.data:
             return
         self._f.write(json.dumps({"k": key, "v": value}, ensure_ascii=False) + "\n")
-        self._f.flush()
         self.data[key] = value
+
+    def flush(self) -> None:
+        """Hand the written lines to the OS: they survive a kill of this process from here on."""
+        self._f.flush()
 
     def close(self) -> None:
         """Flush and close the file."""
@@ -307,27 +265,125 @@ class StepCache:
         self.close()
 
 
+def step_path(ctx: Any, name: str) -> Path:
+    """The cache file of step ``name`` of the running stage: ``OUT/steps/NAME.jsonl``."""
+    return Path(ctx.out_dir) / "steps" / f"{name}.jsonl"
+
+
+def safe_step_name(label: str) -> str:
+    """A file-name-safe step name for a free-text label (e.g. a generator label), unique per label."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.")[:40] or "x"
+    return slug if slug == label else f"{slug}-{hashlib.sha1(label.encode()).hexdigest()[:6]}"
+
+
+def lazy_sampler(ctx: Any, cfg: SamplerConfig | None, model: str | None) -> Callable[[], Sampler]:
+    """``get_sampler()`` that starts the stage's sampler on first use (a fully cached step starts no engine)."""
+    got: list[Sampler] = []
+
+    def get() -> Sampler:
+        if not got:
+            got.append(ctx.sampler(cfg, model))
+        return got[0]
+
+    return get
+
+
+def sampler_name(ctx: Any, cfg: SamplerConfig | None) -> str:
+    """The backend name a stage's records carry (``hf``, ``vllm``, ``openai``, or the injected sampler's), without
+    starting an engine."""
+    injected = getattr(getattr(ctx, "samplers", None), "injected", None)
+    if injected is not None:
+        return str(getattr(injected, "name", "injected"))
+    return (cfg or ctx.recipe.file.sampler).backend
+
+
+def _run_chunks(ctx: Any, name: str, keys: list[str], chunk_size: int, work: Callable[[list[str]], list[Any]],
+                what: str) -> dict[str, Any]:
+    """The chunk loop shared by ``sample_step`` and ``map_step``: cache, progress, logging, errors."""
+    if chunk_size < 1:
+        raise ValueError(f"step {name}: chunk_size must be >= 1, got {chunk_size}")
+    with StepCache(step_path(ctx, name)) as cache:
+        todo = [k for k in dict.fromkeys(keys) if k not in cache]
+        total = len(set(keys))
+        bar = ctx.progress(total=total, desc=f"{ctx.spec.name}:{name}", initial=total - len(todo))
+        if todo:
+            log.info("step %s: %d of %d items to %s (%d cached), %d per call", name, len(todo), total, what,
+                     total - len(todo), chunk_size)
+        n_chunks = (len(todo) + chunk_size - 1) // chunk_size
+        for c, start in enumerate(range(0, len(todo), chunk_size), 1):
+            chunk = todo[start: start + chunk_size]
+            try:
+                outs = work(chunk)
+            except Exception as e:
+                log.error("step %s: chunk %d/%d (%d items) failed: %s: %s; %d of %d items are committed in %s, "
+                          "a re-run sends only the rest", name, c, n_chunks, len(chunk), type(e).__name__, e,
+                          len(cache.data), total, cache.path)
+                raise
+            if len(outs) != len(chunk):
+                raise RuntimeError(f"step {name}: got {len(outs)} results for {len(chunk)} items")
+            for k, v in zip(chunk, outs):
+                cache.put(k, v)
+            cache.flush()  # committed: a crash from here on loses nothing of this chunk
+            bar.update(len(chunk))
+        bar.close()
+        return {k: cache.get(k) for k in keys}
+
+
 def sample_step(ctx: Any, get_sampler: Callable[[], Sampler], name: str, jobs: dict[str, Messages],
-                params: SamplingParams) -> dict[str, list[dict]]:
+                params: SamplingParams, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, list[dict]]:
     """Sample ``params.n`` completions for every job not yet cached in ``steps/NAME.jsonl``.
 
-    All missing prompts go to the sampler in ONE call (so the engine batches);
-    each result ``[{"text", "finish"}]`` is cached as soon as the call returns.
-    Returns ``key -> completions`` for all jobs. ``get_sampler`` is only called
-    when something is left to sample, so a fully resumed step starts no engine.
+    The missing prompts go to the sampler ``chunk_size`` at a time (one call per chunk, so the
+    engine batches within it); each chunk's results ``[{"text", "finish", "n_tokens"}]`` are
+    cached as soon as its call returns. Job ``k`` is sampled with the seed
+    ``stable_seed(ctx.seed, name, k, params.seed)``: its completions are the same whatever chunk
+    it lands in, so a resumed step gives what an uninterrupted one would. Returns ``key ->
+    completions`` for all jobs. ``get_sampler`` is only called when something is left to sample.
     """
-    with StepCache(ctx.out_dir / "steps" / f"{name}.jsonl") as cache:
-        todo = [k for k in jobs if k not in cache]
-        bar = ctx.progress(total=len(jobs), desc=f"{ctx.spec.name}:{name}", initial=len(jobs) - len(todo))
-        if todo:
-            outs = get_sampler().generate([jobs[k] for k in todo], params)
-            if len(outs) != len(todo):
-                raise RuntimeError(f"step {name}: sampler returned {len(outs)} results for {len(todo)} prompts")
-            for k, comps in zip(todo, outs):
-                cache.put(k, [{"text": c.text, "finish": c.finish_reason} for c in comps])
-                bar.update(1)
-        bar.close()
-        return {k: cache.get(k) for k in jobs}
+    def work(chunk: list[str]) -> list[list[dict]]:
+        sampler = get_sampler()
+        before = getattr(sampler, "retries", None)  # the openai backend counts its retried requests
+        seeds = [stable_seed(ctx.seed, name, k, params.seed) for k in chunk]
+        outs = sampler.generate([jobs[k] for k in chunk], params, seeds=seeds)
+        after = getattr(sampler, "retries", None)
+        if isinstance(before, int) and isinstance(after, int) and after > before:
+            log.warning("step %s: %d requests of this chunk were retried", name, after - before)
+        return [[{"text": c.text, "finish": c.finish_reason, "n_tokens": len(c.token_ids)} for c in comps]
+                for comps in outs]
+
+    return _run_chunks(ctx, name, list(jobs), chunk_size, work, "sample")
+
+
+def map_step(ctx: Any, name: str, keys: list[str], fn: Callable[[list[str]], list[Any]],
+             chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
+    """Run ``fn(chunk_of_keys) -> [JSON value per key]`` for every key not cached in ``steps/NAME.jsonl``.
+
+    For sandbox runs and other non-sampling work of a step: ``fn`` gets ``chunk_size`` keys at a
+    time (so it can hand them to a process pool together) and each chunk is cached when it returns.
+    """
+    return _run_chunks(ctx, name, keys, chunk_size, fn, "run")
+
+
+def check_success(stage: str, what: str, ok: int, total: int, floor: float, caches: Iterable[Path] = ()) -> None:
+    """Raise ``LowSuccessRate`` when ``ok / total < floor`` (nothing to judge when ``total`` is 0)."""
+    if total <= 0 or ok / total >= floor:
+        return
+    where = ", ".join(str(p) for p in caches)
+    raise LowSuccessRate(f"stage {stage}: only {ok} of {total} {what} ({ok / total:.1%}) is below "
+                         f"min_success_rate={floor:g}; nothing was written. Check the sampler (server, model, chat "
+                         f"template) or lower min_success_rate"
+                         + (f"; the model outputs are cached in {where}: delete them to sample again" if where else ""))
+
+
+def unique_ids(rows: Iterable[dict]) -> list[dict]:
+    """``rows`` without later records whose ``id`` repeats an earlier one (records derived from caches)."""
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if r["id"] not in seen:
+            seen.add(r["id"])
+            out.append(r)
+    return out
 
 
 def read_text_inputs(paths: Iterable[str], suffixes: tuple[str, ...]) -> list[Path]:

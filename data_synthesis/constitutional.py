@@ -19,9 +19,11 @@ confirmed violator (contrast: the named principle is among the violated
 ones; revise: the original breached something the revision fixed) becomes a
 preference. Every record's ``meta`` carries the principle ids involved.
 
-Output: ``OUT/demonstrations.jsonl``, ``OUT/preferences.jsonl``,
-``stats.json`` (counts per step), ``steps/*.jsonl`` (cached model calls).
-Resumable: each model call is cached per item and records are id-deduplicated.
+Output: ``OUT/demonstrations.jsonl``, ``OUT/preferences.jsonl`` (written whole at the
+end), ``stats.json`` (counts per step), ``steps/*.jsonl`` (cached model calls).
+Resumable: model calls are sampled ``chunk_size`` at a time and cached per item as each
+call returns; the records are derived from the caches. Fewer than ``min_success_rate``
+readable verdicts stop the stage before it writes anything.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_synthesis.common import extract_json, sample_step
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, extract_json, lazy_sampler,
+                                   sample_step, step_path, unique_ids)
 from posttrain.core.config import load_yaml
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec
-from posttrain.core.records import RecordWriter, demonstration, preference, record_id, to_chat_prompt
+from posttrain.core.records import demonstration, preference, record_id, to_chat_prompt, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
@@ -55,11 +58,15 @@ class ConstitutionalConfig:
     model: str | None = key(None, "default: the recipe's model.path", model=True)
     require_stop: bool = key(True, "drop responses cut by max_tokens")
     limit: int | None = key(None, "use only the first N prompts")
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, CHUNK_DOC)
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a check with a readable verdict)")
 
     def check(self) -> None:
         """Cross-field checks."""
-        if self.judge_votes < 1:
-            raise ValueError("judge_votes must be >= 1")
+        if self.judge_votes < 1 or self.chunk_size < 1:
+            raise ValueError("judge_votes and chunk_size must be >= 1")
+        if not 0 <= self.min_success_rate <= 1:
+            raise ValueError("min_success_rate must be in [0, 1]")
 
 
 @dataclass
@@ -192,12 +199,7 @@ def run(cfg: ConstitutionalConfig, ctx) -> dict:
     targets = [by_id[v] for v in cfg.violate] if cfg.violate else principles
     rows = ctx.read_input(cfg.prompts, None, cfg.limit)
     prompts = {str(r["id"]): to_chat_prompt(r) for r in rows}
-    sampler_cache: list = []
-
-    def get_sampler():
-        if not sampler_cache:
-            sampler_cache.append(ctx.sampler(cfg.sampler, cfg.model))
-        return sampler_cache[0]
+    get_sampler = lazy_sampler(ctx, cfg.sampler, cfg.model)
 
     gen = dataclasses.replace(cfg.sampling, n=1)
     judge = dataclasses.replace(cfg.judge_sampling, n=cfg.judge_votes)
@@ -206,80 +208,90 @@ def run(cfg: ConstitutionalConfig, ctx) -> dict:
     all_ids = sorted(ids)
 
     def check(step: str, items: dict[str, tuple[list[dict], str]]) -> dict[str, list[str] | None]:
-        outs = sample_step(ctx, get_sampler, step, {k: judge_prompt(p, r, principles) for k, (p, r) in items.items()}, judge)
+        outs = sample_step(ctx, get_sampler, step, {k: judge_prompt(p, r, principles) for k, (p, r) in items.items()},
+                           judge, cfg.chunk_size)
         res = {k: parse_verdicts([c["text"] for c in v], ids) for k, v in outs.items()}
         stats[f"{step}_malformed"] += sum(v is None for v in res.values())
+        checked[0] += len(res)
+        checked[1] += sum(v is not None for v in res.values())
+        caches.append(step_path(ctx, step))
         return res
 
-    with RecordWriter(ctx.out_dir / "demonstrations.jsonl", "demonstration") as dw, \
-            RecordWriter(ctx.out_dir / "preferences.jsonl", "preference") as pw:
-        if cfg.mode == "contrast":
-            stats.update({"followers_confirmed": 0, "violators_confirmed": 0})
-            jobs, tgt = {}, {}
-            for pid, p in prompts.items():
-                t = pick_target(pid, targets, ctx.seed)
-                tgt[pid] = t
-                jobs[f"{pid}|follow"] = follower_prompt(p, principles)
-                jobs[f"{pid}|violate|{t.id}"] = violator_prompt(p, t)
-            outs = sample_step(ctx, get_sampler, "responses", jobs, gen)
-            good = {k: v[0]["text"].strip() for k, v in outs.items() if _ok(v[0], cfg.require_stop)}
-            stats["responses"] = len(outs)
-            stats["responses_dropped"] = len(outs) - len(good)
-            verdicts = check("check", {k: (prompts[k.split("|")[0]], r) for k, r in good.items()})
-            for pid, p in prompts.items():
-                fk, vk = f"{pid}|follow", f"{pid}|violate|{tgt[pid].id}"
-                fv, vv = verdicts.get(fk), verdicts.get(vk)
-                if fv == []:
-                    stats["followers_confirmed"] += 1
-                    dw.write(demonstration(p + [{"role": "assistant", "content": good[fk]}], source=src,
+    checked, caches = [0, 0], []
+    demos: list[dict] = []
+    prefs: list[dict] = []
+    if cfg.mode == "contrast":
+        stats.update({"followers_confirmed": 0, "violators_confirmed": 0})
+        jobs, tgt = {}, {}
+        for pid, p in prompts.items():
+            t = pick_target(pid, targets, ctx.seed)
+            tgt[pid] = t
+            jobs[f"{pid}|follow"] = follower_prompt(p, principles)
+            jobs[f"{pid}|violate|{t.id}"] = violator_prompt(p, t)
+        outs = sample_step(ctx, get_sampler, "responses", jobs, gen, cfg.chunk_size)
+        good = {k: v[0]["text"].strip() for k, v in outs.items() if _ok(v[0], cfg.require_stop)}
+        stats["responses"] = len(outs)
+        stats["responses_dropped"] = len(outs) - len(good)
+        verdicts = check("check", {k: (prompts[k.split("|")[0]], r) for k, r in good.items()})
+        for pid, p in prompts.items():
+            fk, vk = f"{pid}|follow", f"{pid}|violate|{tgt[pid].id}"
+            fv, vv = verdicts.get(fk), verdicts.get(vk)
+            if fv == []:
+                stats["followers_confirmed"] += 1
+                demos.append(demonstration(p + [{"role": "assistant", "content": good[fk]}], source=src,
                                            id=record_id("const-demo", name, pid, good[fk]),
                                            meta={"constitution": name, "principle_ids": all_ids, "prompt_id": pid}))
-                if vv is not None and tgt[pid].id in vv:
-                    stats["violators_confirmed"] += 1
-                    if fv == []:
-                        pw.write(preference(p, good[fk], good[vk], source=src, id=record_id("const-pref", name, pid, good[fk], good[vk]),
+            if vv is not None and tgt[pid].id in vv:
+                stats["violators_confirmed"] += 1
+                if fv == []:
+                    prefs.append(preference(p, good[fk], good[vk], source=src, id=record_id("const-pref", name, pid, good[fk], good[vk]),
                                             meta={"constitution": name, "violated_principle": tgt[pid].id,
                                                   "rejected_violates": vv, "principle_ids": all_ids, "prompt_id": pid}))
-        else:
-            stats.update({"initial_clean": 0, "revise_malformed": 0, "revisions_confirmed": 0})
-            outs = sample_step(ctx, get_sampler, "initial", {pid: [m for m in p] for pid, p in prompts.items()}, gen)
-            initial = {k: v[0]["text"].strip() for k, v in outs.items() if _ok(v[0], cfg.require_stop)}
-            stats["responses"] = len(outs)
-            stats["responses_dropped"] = len(outs) - len(initial)
-            v0 = check("check_initial", {k: (prompts[k], r) for k, r in initial.items()})
-            breached = {k: v for k, v in v0.items() if v}
-            for pid, v in v0.items():
-                if v == []:
-                    stats["initial_clean"] += 1
-                    dw.write(demonstration(prompts[pid] + [{"role": "assistant", "content": initial[pid]}], source=src,
+    else:
+        stats.update({"initial_clean": 0, "revise_malformed": 0, "revisions_confirmed": 0})
+        outs = sample_step(ctx, get_sampler, "initial", {pid: [m for m in p] for pid, p in prompts.items()}, gen,
+                           cfg.chunk_size)
+        initial = {k: v[0]["text"].strip() for k, v in outs.items() if _ok(v[0], cfg.require_stop)}
+        stats["responses"] = len(outs)
+        stats["responses_dropped"] = len(outs) - len(initial)
+        v0 = check("check_initial", {k: (prompts[k], r) for k, r in initial.items()})
+        breached = {k: v for k, v in v0.items() if v}
+        for pid, v in v0.items():
+            if v == []:
+                stats["initial_clean"] += 1
+                demos.append(demonstration(prompts[pid] + [{"role": "assistant", "content": initial[pid]}], source=src,
                                            id=record_id("const-demo", name, pid, initial[pid]),
                                            meta={"constitution": name, "principle_ids": all_ids, "prompt_id": pid}))
-            stats["initial_breached"] = len(breached)
-            routs = sample_step(ctx, get_sampler, "revise", {
-                pid: revise_prompt(prompts[pid], initial[pid], [by_id[i] for i in v], principles)
-                for pid, v in breached.items()}, gen)
-            revised = {}
-            for pid, v in routs.items():
-                r = parse_revision(v[0]["text"]) if _ok(v[0], cfg.require_stop) else None
-                if r is None:
-                    stats["revise_malformed"] += 1
-                else:
-                    revised[pid] = r
-            v1 = check("check_revision", {k: (prompts[k], rev) for k, (_, rev) in revised.items()})
-            for pid, v in v1.items():
-                if v != []:
-                    continue
-                stats["revisions_confirmed"] += 1
-                critique, rev = revised[pid]
-                p = prompts[pid]
-                dw.write(demonstration(p + [{"role": "assistant", "content": rev}], source=src,
+        stats["initial_breached"] = len(breached)
+        routs = sample_step(ctx, get_sampler, "revise", {
+            pid: revise_prompt(prompts[pid], initial[pid], [by_id[i] for i in v], principles)
+            for pid, v in breached.items()}, gen, cfg.chunk_size)
+        revised = {}
+        for pid, v in routs.items():
+            r = parse_revision(v[0]["text"]) if _ok(v[0], cfg.require_stop) else None
+            if r is None:
+                stats["revise_malformed"] += 1
+            else:
+                revised[pid] = r
+        v1 = check("check_revision", {k: (prompts[k], rev) for k, (_, rev) in revised.items()})
+        for pid, v in v1.items():
+            if v != []:
+                continue
+            stats["revisions_confirmed"] += 1
+            critique, rev = revised[pid]
+            p = prompts[pid]
+            demos.append(demonstration(p + [{"role": "assistant", "content": rev}], source=src,
                                        id=record_id("const-demo", name, pid, rev),
                                        meta={"constitution": name, "principle_ids": all_ids, "prompt_id": pid, "revised": True}))
-                pw.write(preference(p, rev, initial[pid], source=src, id=record_id("const-pref", name, pid, rev, initial[pid]),
+            prefs.append(preference(p, rev, initial[pid], source=src, id=record_id("const-pref", name, pid, rev, initial[pid]),
                                     meta={"constitution": name, "violated_principle": breached[pid][0],
                                           "rejected_violates": breached[pid], "principle_ids": all_ids,
                                           "critique": critique, "prompt_id": pid}))
-        out = {"mode": cfg.mode, "constitution": name, "prompts": len(prompts), **stats,
-               "demonstrations": len(dw.ids), "preferences": len(pw.ids)}
+    check_success(ctx.spec.name, "checks with a readable verdict", checked[1], checked[0], cfg.min_success_rate, caches)
+    demos, prefs = unique_ids(demos), unique_ids(prefs)
+    write_records(ctx.out_dir / "demonstrations.jsonl", demos, "demonstration")
+    write_records(ctx.out_dir / "preferences.jsonl", prefs, "preference")
+    out = {"mode": cfg.mode, "constitution": name, "prompts": len(prompts), **stats,
+           "demonstrations": len(demos), "preferences": len(prefs)}
     ctx.write_json("stats.json", out)
     return out

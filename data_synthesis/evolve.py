@@ -21,13 +21,15 @@ changed (similarity to the parent below ``max_similarity``), not degenerate
 the parent's length and not cut off by ``max_tokens``, and not leaking the
 rewriting procedure ("rewritten prompt", "#Given Prompt#", the template's
 delimiters...). Failures are counted by reason, recorded in ``failed.jsonl``
-(so a resumed run does not retry them) and dropped: their branch stops.
+and dropped: their branch stops.
 
-Outputs: ``records.jsonl``: the level-0 inputs (when ``keep_original``) and every
-kept evolution, ``meta.evolve`` = ``{level, parent_id, root_id, operation}``;
-``failed.jsonl``; ``stats.json`` (per round and per operation: attempted, kept,
-failures by reason). Records are appended as results come in, so a killed run
-resumes where it stopped (kept and failed ids are both skipped).
+Outputs (written whole at the end): ``records.jsonl``: the level-0 inputs (when
+``keep_original``) and every kept evolution, ``meta.evolve`` = ``{level, parent_id,
+root_id, operation}``; ``failed.jsonl``; ``stats.json`` (per round and per operation:
+attempted, kept, failures by reason). Each round's model calls are sampled in chunks
+and cached per child id in ``steps/roundR.jsonl``, so a killed run resumes where it
+stopped (kept and failed evolutions alike are never sampled again); fewer than
+``min_success_rate`` non-empty outputs stop the stage before it writes anything.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from data_synthesis.common import instruction_text, load_instructions
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, instruction_text,
+                                   lazy_sampler, load_instructions, sample_step, sampler_name)
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec
-from posttrain.core.records import RecordWriter, iter_records, record_id
+from posttrain.core.records import record_id, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 OPERATIONS: dict[str, str] = {
@@ -94,6 +97,8 @@ class EvolveConfig:
     max_similarity: float = key(0.97, "difflib ratio to the parent at or above which it is \"unchanged\"")
     keep_original: bool = key(True, "also write the level-0 inputs into records.jsonl")
     limit: int | None = key(None, "evolve only the first N inputs")
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, CHUNK_DOC)
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a non-empty output)")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -102,6 +107,8 @@ class EvolveConfig:
             raise ValueError(f"operations: unknown operation {bad[0]!r} (expected some of: {', '.join(OPERATIONS)})")
         if not self.operations or self.rounds < 1:
             raise ValueError("need at least one operation and rounds >= 1")
+        if self.chunk_size < 1 or not 0 <= self.min_success_rate <= 1:
+            raise ValueError("chunk_size must be >= 1 and min_success_rate in [0, 1]")
 
 
 def evolve_prompt(instruction: str, operation: str, max_added_words: int = 40) -> list[dict]:
@@ -168,71 +175,64 @@ def pick_operation(operations: list[str], seed: int, rec_id: str, level: int) ->
 def run(cfg: EvolveConfig, ctx) -> dict:
     """Entry point of stage kind ``evolve``."""
     inputs = load_instructions(ctx.read_input(cfg.input, None), cfg.limit)
-    out_path, fail_path = ctx.out_dir / "records.jsonl", ctx.out_dir / "failed.jsonl"
-    stats = {"inputs": len(inputs), "rounds": []}
+    stats: dict = {"inputs": len(inputs), "rounds": []}
     per_op: dict[str, Counter] = {op: Counter() for op in cfg.operations}
-    with RecordWriter(out_path, "prompt") as w, RecordWriter(fail_path, "prompt") as fw:
-        base: list[dict] = []
-        for rec in inputs:
-            ev = dict(rec["meta"].get("evolve") or {})
-            lvl = int(ev.get("level", 0))
-            rec["meta"] = {**rec["meta"], "evolve": {"level": lvl, "parent_id": ev.get("parent_id"),
-                                                     "root_id": ev.get("root_id", rec["id"]),
-                                                     "operation": ev.get("operation")}}
-            base.append(rec)
-            if cfg.keep_original:
-                w.write({**rec, "source": rec.get("source", "user")})
-        done = {r["id"]: r for r in iter_records(out_path, "prompt")} if out_path.exists() else {}
-        start = min((r["meta"]["evolve"]["level"] for r in base), default=0)
-        frontier = base
-        sampler = None
-        for r in range(1, cfg.rounds + 1):
-            jobs = []
-            for p in frontier:
-                lvl = p["meta"]["evolve"]["level"] + 1
-                op = pick_operation(cfg.operations, ctx.seed, p["id"], lvl)
-                cid = record_id("evolve", p["id"], lvl, op)
-                jobs.append((p, lvl, op, cid))
-            todo = [j for j in jobs if not (w.has(j[3]) or fw.has(j[3]))]
-            rs = Counter(attempted=len(jobs), resumed=len(jobs) - len(todo), kept=0, failed=0)
-            if todo:
-                sampler = sampler or ctx.sampler(cfg.sampler, cfg.model)
-                bar = ctx.progress(total=len(todo), desc=f"{ctx.spec.name}: round {r}")
-                outs = sampler.generate([evolve_prompt(instruction_text(p), op, cfg.max_added_words)
-                                         for p, _, op, _ in todo], cfg.sampling)
-                for (p, lvl, op, cid), comps in zip(todo, outs):
-                    c = comps[0]
-                    text = clean_output(c.text)
-                    reason = check_evolution(instruction_text(p), text, max_chars=cfg.max_chars,
-                                             max_growth=cfg.max_growth, min_chars=cfg.min_chars,
-                                             max_similarity=cfg.max_similarity, truncated=c.finish_reason == "length")
-                    info = {"level": lvl, "parent_id": p["id"], "root_id": p["meta"]["evolve"]["root_id"],
-                            "operation": op}
-                    if reason is None:
-                        rec = {"id": cid, "prompt": [{"role": "user", "content": text}],
-                               "source": f"evolve:{sampler.name}", "meta": {"evolve": info}}
-                        w.write(rec)
-                        done[cid] = rec
-                    else:
-                        fw.write({"id": cid, "prompt": p["prompt"], "source": f"evolve:{sampler.name}",
-                                  "meta": {"evolve": info, "reason": reason, "output": c.text[:1000]}})
-                    bar.update(1)
-                bar.close()
-            frontier = []
-            for p, lvl, op, cid in jobs:
-                if cid in done:
-                    frontier.append(done[cid])
-                    rs["kept"] += 1
-                    per_op[op]["kept"] += 1
-                else:
-                    rs["failed"] += 1
-                    per_op[op]["failed"] += 1
-                per_op[op]["attempted"] += 1
-            stats["rounds"].append({"round": r, "level": start + r, **rs})
-    fails = Counter(f["meta"]["reason"] for f in iter_records(fail_path, "prompt")) if fail_path.exists() else Counter()
-    levels = Counter(x["meta"]["evolve"]["level"] for x in iter_records(out_path, "prompt"))
-    stats.update({"records": sum(levels.values()), "per_level": {str(k): v for k, v in sorted(levels.items())},
-                  "failed": sum(fails.values()), "failed_by_reason": dict(fails),
+    base: list[dict] = []
+    for rec in inputs:
+        ev = dict(rec["meta"].get("evolve") or {})
+        rec["meta"] = {**rec["meta"], "evolve": {"level": int(ev.get("level", 0)), "parent_id": ev.get("parent_id"),
+                                                 "root_id": ev.get("root_id", rec["id"]),
+                                                 "operation": ev.get("operation")}}
+        base.append({**rec, "source": rec.get("source", "user")})
+    kept: list[dict] = list(base) if cfg.keep_original else []
+    failed: list[dict] = []
+    source = f"evolve:{sampler_name(ctx, cfg.sampler)}"
+    get_sampler = lazy_sampler(ctx, cfg.sampler, cfg.model)
+    start = min((r["meta"]["evolve"]["level"] for r in base), default=0)
+    frontier = base
+    sampled = usable = 0
+    for r in range(1, cfg.rounds + 1):
+        jobs = {}
+        for p in frontier:
+            lvl = p["meta"]["evolve"]["level"] + 1
+            op = pick_operation(cfg.operations, ctx.seed, p["id"], lvl)
+            jobs[record_id("evolve", p["id"], lvl, op)] = (p, lvl, op)
+        outs = sample_step(ctx, get_sampler, f"round{r}", {cid: evolve_prompt(instruction_text(p), op, cfg.max_added_words)
+                                                          for cid, (p, _, op) in jobs.items()},
+                           cfg.sampling, cfg.chunk_size)
+        rs = Counter(attempted=len(jobs), kept=0, failed=0)
+        frontier = []
+        for cid, (p, lvl, op) in jobs.items():
+            c = outs[cid][0]
+            text = clean_output(c["text"])
+            reason = check_evolution(instruction_text(p), text, max_chars=cfg.max_chars, max_growth=cfg.max_growth,
+                                     min_chars=cfg.min_chars, max_similarity=cfg.max_similarity,
+                                     truncated=c["finish"] == "length")
+            sampled += 1
+            usable += bool(c["text"].strip())
+            info = {"level": lvl, "parent_id": p["id"], "root_id": p["meta"]["evolve"]["root_id"], "operation": op}
+            per_op[op]["attempted"] += 1
+            if reason is None:
+                child = {"id": cid, "prompt": [{"role": "user", "content": text}], "source": source,
+                         "meta": {"evolve": info}}
+                kept.append(child)
+                frontier.append(child)
+                rs["kept"] += 1
+                per_op[op]["kept"] += 1
+            else:  # the branch stops here
+                failed.append({"id": cid, "prompt": p["prompt"], "source": source,
+                               "meta": {"evolve": info, "reason": reason, "output": c["text"][:1000]}})
+                rs["failed"] += 1
+                per_op[op]["failed"] += 1
+        stats["rounds"].append({"round": r, "level": start + r, **rs})
+    check_success(ctx.spec.name, "evolution outputs non-empty", usable, sampled, cfg.min_success_rate,
+                  sorted((ctx.out_dir / "steps").glob("round*.jsonl")))
+    write_records(ctx.out_dir / "records.jsonl", kept, "prompt")
+    write_records(ctx.out_dir / "failed.jsonl", failed, "prompt")
+    fails = Counter(f["meta"]["reason"] for f in failed)
+    levels = Counter(x["meta"]["evolve"]["level"] for x in kept)
+    stats.update({"records": len(kept), "per_level": {str(k): v for k, v in sorted(levels.items())},
+                  "failed": len(failed), "failed_by_reason": dict(fails),
                   "per_operation": {k: {x: v[x] for x in ("attempted", "kept", "failed")}
                                     for k, v in per_op.items()}})
     ctx.write_json("stats.json", stats)

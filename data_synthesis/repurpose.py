@@ -23,8 +23,10 @@ Two modes (key ``mode``):
 Output: ``OUT/records.jsonl`` (demonstrations; ``meta`` names the work/chunk/
 level or the character/query kind), ``stats.json`` (counts per step and drop
 reasons), ``steps/*.jsonl`` (cached model outputs for resuming).
-Resumable: finished model calls are cached per item and records are
-id-deduplicated, so a killed run redoes only what is missing.
+Resumable: model calls are sampled ``chunk_size`` prompts at a time and cached per
+item as each call returns, so a killed run redoes only what is missing; the records
+are derived from the caches and written whole at the end, unless fewer than
+``min_success_rate`` of the outputs are usable.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_synthesis.common import extract_json, norm_text, read_text_inputs, sample_step
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, extract_json, lazy_sampler,
+                                   norm_text, read_text_inputs, sample_step, step_path, unique_ids)
 from posttrain.core.config import key
-from posttrain.core.records import RecordWriter, demonstration, record_id
+from posttrain.core.records import demonstration, record_id, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 # Detail levels of back-translated literary instructions: from a bare topic to a full brief.
@@ -80,6 +83,9 @@ class RepurposeConfig:
     check_refusals: bool = key(True, "model check: keep unknowable-premise answers that decline, grounded ones that do not")
     judge_sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=32, seed=0))
     limit: int | None = key(None, "use only the first N works / characters")
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, CHUNK_DOC)
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a non-empty instruction (literary), a parseable "
+                                        "query list (roleplay))")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -88,6 +94,8 @@ class RepurposeConfig:
             raise ValueError(f"levels: unknown level(s) {bad} (expected some of: {', '.join(LEVELS)})")
         if self.chunk_words < 1 or self.min_chunk_words < 0 or self.instructions_per_level < 1 or self.answers_per_query < 1:
             raise ValueError("chunk_words, instructions_per_level and answers_per_query must be >= 1")
+        if self.chunk_size < 1 or not 0 <= self.min_success_rate <= 1:
+            raise ValueError("chunk_size must be >= 1 and min_success_rate in [0, 1]")
 
 
 # ---------------------------------------------------------------- literary: pure parts
@@ -281,7 +289,7 @@ def clean_answer(text: str) -> tuple[str | None, str]:
 
 # ---------------------------------------------------------------- stage
 
-def _run_literary(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) -> dict:
+def _run_literary(cfg: RepurposeConfig, ctx, rows: list[dict], get_sampler) -> dict:
     files = read_text_inputs([ctx.resolve(p) for p in cfg.inputs], (".txt",))[: cfg.limit]
     items = []  # (key, chunk, meta, chunk_index, level)
     for f in files:
@@ -290,7 +298,8 @@ def _run_literary(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
             for lv in cfg.levels:
                 items.append((record_id("lit", f.name, chunk, lv), chunk, {**meta, "file": f.name}, ci, lv))
     params = dataclasses.replace(cfg.sampling, n=cfg.instructions_per_level)
-    outs = sample_step(ctx, get_sampler, "instructions", {k: literary_prompt(c, m, lv) for k, c, m, _, lv in items}, params)
+    outs = sample_step(ctx, get_sampler, "instructions", {k: literary_prompt(c, m, lv) for k, c, m, _, lv in items}, params,
+                       cfg.chunk_size)
     drops: Counter = Counter()
     for item_key, chunk, meta, ci, lv in items:
         seen = set()
@@ -303,15 +312,17 @@ def _run_literary(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
                 drops[why if ins is None else "duplicate"] += 1
                 continue
             seen.add(norm_text(ins))
-            writer.write(demonstration(
+            rows.append(demonstration(
                 [{"role": "user", "content": ins}, {"role": "assistant", "content": chunk}],
                 id=record_id("repurpose-literary", item_key, j), source="repurpose:literary",
                 meta={"work": meta["title"], "author": meta["author"], "file": meta["file"], "chunk": ci, "level": lv}))
+    comps = [c for v in outs.values() for c in v]
     return {"works": len(files), "chunks": len({(m["file"], ci) for _, _, m, ci, _ in items}),
-            "instructions_sampled": sum(len(v) for v in outs.values()), "dropped": dict(drops)}
+            "instructions_sampled": len(comps), "dropped": dict(drops),
+            "_usable": (sum(bool(c["text"].strip()) for c in comps), len(comps), "instructions")}
 
 
-def _run_roleplay(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) -> dict:
+def _run_roleplay(cfg: RepurposeConfig, ctx, rows: list[dict], get_sampler) -> dict:
     files = read_text_inputs([ctx.resolve(p) for p in cfg.inputs], (".json", ".txt"))[: cfg.limit]
     chars = [load_character(f) for f in files]
     qjobs, qmeta = {}, {}
@@ -322,7 +333,7 @@ def _run_roleplay(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
                 qjobs[key] = query_prompt(ch, kind, k)
                 qmeta[key] = (ch, kind, k)
     qparams = dataclasses.replace(cfg.sampling, n=1)
-    qouts = sample_step(ctx, get_sampler, "queries", qjobs, qparams)
+    qouts = sample_step(ctx, get_sampler, "queries", qjobs, qparams, cfg.chunk_size)
     drops: Counter = Counter()
     ajobs, ameta = {}, {}
     for key, comps in qouts.items():
@@ -337,7 +348,7 @@ def _run_roleplay(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
             ajobs[akey] = answer_prompt(ch, kind, q)
             ameta[akey] = (ch, kind, q)
     aparams = dataclasses.replace(cfg.sampling, n=cfg.answers_per_query)
-    aouts = sample_step(ctx, get_sampler, "answers", ajobs, aparams)
+    aouts = sample_step(ctx, get_sampler, "answers", ajobs, aparams, cfg.chunk_size)
     cands = {}  # f"{akey}|{j}" -> cleaned answer
     for akey, comps in aouts.items():
         for j, comp in enumerate(comps):
@@ -355,7 +366,8 @@ def _run_roleplay(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
         # The model confirms each answer does what its kind asks: grounded answers answer,
         # answers to unknowable premises decline. An unreadable verdict confirms nothing.
         jobs = {k: refusal_check_prompt(ameta[k.rsplit("|", 1)[0]][0], ameta[k.rsplit("|", 1)[0]][2], a) for k, a in cands.items()}
-        verdicts = sample_step(ctx, get_sampler, "refusal_check", jobs, dataclasses.replace(cfg.judge_sampling, n=1))
+        verdicts = sample_step(ctx, get_sampler, "refusal_check", jobs, dataclasses.replace(cfg.judge_sampling, n=1),
+                               cfg.chunk_size)
         for k in list(cands):
             v = extract_json(verdicts[k][0]["text"])
             declines = v.get("declines") if isinstance(v, dict) else None
@@ -374,25 +386,24 @@ def _run_roleplay(cfg: RepurposeConfig, ctx, writer: RecordWriter, get_sampler) 
         # generation guidance must not leak into training data.
         msgs = [{"role": "system", "content": role_system(ch)}, {"role": "user", "content": q},
                 {"role": "assistant", "content": ans}]
-        writer.write(demonstration(msgs, id=record_id("repurpose-roleplay", akey, int(j)), source="repurpose:roleplay",
-                                   meta={"character": ch["name"], "query_kind": kind}))
+        rows.append(demonstration(msgs, id=record_id("repurpose-roleplay", akey, int(j)), source="repurpose:roleplay",
+                                  meta={"character": ch["name"], "query_kind": kind}))
         kinds[kind] += 1
     return {"characters": len(chars), "query_prompts": len(qjobs), "queries": len(ajobs),
-            "answers_sampled": sum(len(v) for v in aouts.values()), "kept_by_kind": dict(kinds), "dropped": dict(drops)}
+            "answers_sampled": sum(len(v) for v in aouts.values()), "kept_by_kind": dict(kinds), "dropped": dict(drops),
+            "_usable": (len(qjobs) - drops["malformed_queries"], len(qjobs), "queries")}
 
 
 def run(cfg: RepurposeConfig, ctx) -> dict:
     """Entry point of stage kind ``repurpose``."""
-    sampler_cache: list = []
-
-    def get_sampler():
-        if not sampler_cache:
-            sampler_cache.append(ctx.sampler(cfg.sampler, cfg.model))
-        return sampler_cache[0]
-
-    with RecordWriter(ctx.out_dir / "records.jsonl", "demonstration") as w:
-        stats = (_run_literary if cfg.mode == "literary" else _run_roleplay)(cfg, ctx, w, get_sampler)
-        stats["records"] = len(w.ids)
+    rows: list[dict] = []
+    stats = (_run_literary if cfg.mode == "literary" else _run_roleplay)(cfg, ctx, rows,
+                                                                        lazy_sampler(ctx, cfg.sampler, cfg.model))
+    ok, total, step = stats.pop("_usable")
+    check_success(ctx.spec.name, "model outputs usable", ok, total, cfg.min_success_rate, [step_path(ctx, step)])
+    rows = unique_ids(rows)
+    write_records(ctx.out_dir / "records.jsonl", rows, "demonstration")
+    stats["records"] = len(rows)
     stats["mode"] = cfg.mode
     ctx.write_json("stats.json", stats)
     return stats

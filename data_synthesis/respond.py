@@ -5,16 +5,16 @@ prompt of each record is sent as is (system turns kept).
 
 Method: each entry of ``generators`` (a label, an optional sampler section
 and model, and sampling settings with ``n`` responses) is run over all
-instructions in one sampler call; generators run one after another, so at
-most one vLLM engine is alive at a time. Exact duplicate responses within an
-instruction are dropped when ``dedupe`` is set.
+instructions, ``chunk_size`` prompts per sampler call, each chunk cached per
+instruction in ``steps/gen-LABEL.jsonl`` (a killed run re-sends only what is
+missing); generators run one after another, so at most one vLLM engine is
+alive at a time. Exact duplicate responses within an instruction are dropped
+when ``dedupe`` is set. Fewer than ``min_success_rate`` non-empty responses stop
+the stage before it writes anything.
 
 Outputs:
 
-* ``responses.jsonl``: one record per (instruction, generator) with that
-  generator's responses; appended as each generator finishes, so a killed run
-  resumes without sampling a finished generator again;
-* ``tasks.jsonl``: the annotation tasks, written when all generators are done.
+* ``tasks.jsonl``: the annotation tasks, written whole when all generators are done.
   One record per instruction::
 
       {"id": INSTRUCTION_ID, "prompt": [messages...], "source": "respond",
@@ -32,10 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_synthesis.common import load_instructions
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, lazy_sampler,
+                                   load_instructions, safe_step_name, sample_step, sampler_name, step_path)
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec
-from posttrain.core.records import RecordWriter, iter_records, record_id, write_records
+from posttrain.core.records import record_id, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
@@ -60,6 +61,8 @@ class RespondConfig:
     dedupe: bool = key(True, "drop exact duplicate responses of one instruction")
     min_responses: int = key(2, "instructions left with fewer responses are not written to tasks.jsonl")
     limit: int | None = key(None, "use only the first N instructions")
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, CHUNK_DOC)
+    min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a non-empty response)")
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -68,8 +71,8 @@ class RespondConfig:
             raise ValueError("generators: need at least one generator")
         if len(set(labels)) != len(labels):
             raise ValueError(f"generators: labels must be distinct, got {labels}")
-        if self.min_responses < 1:
-            raise ValueError("min_responses must be >= 1")
+        if self.min_responses < 1 or self.chunk_size < 1 or not 0 <= self.min_success_rate <= 1:
+            raise ValueError("min_responses and chunk_size must be >= 1, min_success_rate in [0, 1]")
 
 
 def build_tasks(instructions: list[dict], by_generator: dict[tuple[str, str], list[dict]], labels: list[str],
@@ -100,27 +103,25 @@ def build_tasks(instructions: list[dict], by_generator: dict[tuple[str, str], li
 def run(cfg: RespondConfig, ctx) -> dict:
     """Entry point of stage kind ``respond``."""
     instructions = load_instructions(ctx.read_input(cfg.input, None), cfg.limit)
-    path = ctx.out_dir / "responses.jsonl"
-    with RecordWriter(path, "prompt") as w:
-        for g in cfg.generators:
-            todo = [ins for ins in instructions if not w.has(record_id("respond", ins["id"], g.label))]
-            if not todo:
-                continue
-            sampler = ctx.sampler(g.sampler, g.model)
-            model = g.model or (g.sampler.model if g.sampler else None) or ctx.recipe.file.model.path
-            bar = ctx.progress(total=len(todo), desc=f"{ctx.spec.name}: {g.label}")
-            outs = sampler.generate([ins["prompt"] for ins in todo], g.sampling)
-            for ins, comps in zip(todo, outs):
-                rid = record_id("respond", ins["id"], g.label)
-                resps = [{"id": record_id(rid, j), "text": c.text, "label": g.label, "sampler": sampler.name,
-                          "model": model, "sampling": {"temperature": g.sampling.temperature, "top_p": g.sampling.top_p,
-                                                       "max_tokens": g.sampling.max_tokens},
-                          "finish_reason": c.finish_reason, "n_tokens": len(c.token_ids)} for j, c in enumerate(comps)]
-                w.write({"id": rid, "prompt": ins["prompt"], "source": f"respond:{sampler.name}",
-                         "meta": {"instruction_id": ins["id"], "label": g.label, "responses": resps}})
-                bar.update(1)
-            bar.close()
-    by_gen = {(r["meta"]["instruction_id"], r["meta"]["label"]): r["meta"]["responses"] for r in iter_records(path, "prompt")}
+    by_gen: dict[tuple[str, str], list[dict]] = {}
+    caches = []
+    for g in cfg.generators:
+        step = "gen-" + safe_step_name(g.label)
+        caches.append(step_path(ctx, step))
+        outs = sample_step(ctx, lazy_sampler(ctx, g.sampler, g.model), step,
+                           {ins["id"]: ins["prompt"] for ins in instructions}, g.sampling, cfg.chunk_size)
+        backend = sampler_name(ctx, g.sampler)
+        model = g.model or (g.sampler.model if g.sampler else None) or ctx.recipe.file.model.path
+        for ins in instructions:
+            rid = record_id("respond", ins["id"], g.label)
+            by_gen[(ins["id"], g.label)] = [
+                {"id": record_id(rid, j), "text": c["text"], "label": g.label, "sampler": backend, "model": model,
+                 "sampling": {"temperature": g.sampling.temperature, "top_p": g.sampling.top_p,
+                              "max_tokens": g.sampling.max_tokens},
+                 "finish_reason": c["finish"], "n_tokens": c["n_tokens"]} for j, c in enumerate(outs[ins["id"]])]
+    resp = [r for v in by_gen.values() for r in v]
+    check_success(ctx.spec.name, "responses non-empty", sum(bool(r["text"].strip()) for r in resp), len(resp),
+                  cfg.min_success_rate, caches)
     labels = [g.label for g in cfg.generators]
     tasks, skipped = build_tasks(instructions, by_gen, labels, cfg.dedupe, cfg.min_responses)
     write_records(ctx.out_dir / "tasks.jsonl", tasks, "prompt")

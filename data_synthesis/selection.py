@@ -23,7 +23,9 @@ Scores (``scoring``):
   ...>``, ``TODO``, ``...`` at the end).
 * ``llm``: the sampler judges both on a 1-5 scale as JSON; scores map to
   (x - 1) / 4; an unparseable judgement falls back to the heuristic and is
-  counted (``judge_failed``). Judgements are saved in ``scores.jsonl`` (resumable).
+  counted (``judge_failed``). Judgements are sampled in chunks and cached in
+  ``steps/judge.jsonl`` (resumable); fewer than ``min_success_rate`` parseable judgements
+  stop the stage before it writes anything.
 * ``none``: both scores are 0; ordering is by tag count and the seed.
 
 Outputs: ``records.jsonl`` (the selected records in selection order;
@@ -34,18 +36,20 @@ mean scores, before and after; also in the manifest).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import re
 import statistics
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_synthesis.common import extract_json, instruction_text
+from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, extract_json,
+                                   instruction_text, lazy_sampler, sample_step, step_path)
 from posttrain.core.config import key
 from posttrain.core.inputs import InputSpec
-from posttrain.core.records import RecordWriter, iter_records, write_records
+from posttrain.core.records import write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 
 
@@ -62,13 +66,20 @@ class SelectConfig:
     sampler: SamplerConfig | None = key(None, "scoring: llm — default: the recipe's sampler")
     model: str | None = key(None, "scoring: llm — default: the recipe's model.path", model=True)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=64))
+    chunk_size: int = key(DEFAULT_CHUNK_SIZE, "scoring: llm — " + CHUNK_DOC)
+    min_success_rate: float = key(0.05, "scoring: llm — " + FLOOR_DOC + " (usable: a parseable judgement)")
 
-    def check(self) -> None:
-        """Cross-field checks."""
+    def check(self, given: frozenset[str] = frozenset()) -> None:
+        """Cross-field checks; judge keys are refused unless ``scoring`` is ``llm``."""
         if self.budget < 1:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
-        if not 0 <= self.min_completeness <= 1:
-            raise ValueError("min_completeness must be in [0, 1]")
+        if not 0 <= self.min_completeness <= 1 or not 0 <= self.min_success_rate <= 1:
+            raise ValueError("min_completeness and min_success_rate must be in [0, 1]")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        stray = sorted(given & {"sampler", "model", "sampling", "chunk_size", "min_success_rate"})
+        if self.scoring != "llm" and stray:
+            raise ValueError(f"{stray[0]} has no effect with scoring {self.scoring!r} (only with scoring: llm)")
 
 
 # ---------------------------------------------------------------- heuristic scores (pure)
@@ -126,30 +137,55 @@ def complexity_first_diverse(tags: list[list[str]], budget: int, scores: list[fl
     Sort by tag count (desc), score (desc), seeded random; take an item when it adds
     an uncovered tag; repeat passes with empty coverage until ``budget``; then fill
     with tag-less leftovers in sort order. Returns ``[(index, pass_number)]``.
+
+    O(N log N) in the number of tag occurrences: instead of rescanning every remaining item in
+    each pass, each tag keeps the queue of remaining items that carry it (in sort order); within
+    a pass the next item taken is the earliest queue head among the tags not yet covered (an item
+    is taken exactly when one of its tags is still uncovered when the walk reaches it). Every pass
+    takes the first remaining item of every tag, so the heads examined over all passes add up to
+    the number of tag occurrences.
     """
     rng = random.Random(seed)
     tie = [rng.random() for _ in tags]
     scores = scores or [0.0] * len(tags)
-    order = sorted(range(len(tags)), key=lambda i: (-len(set(tags[i])), -scores[i], tie[i]))
+    sets = [set(t) for t in tags]
+    order = sorted(range(len(tags)), key=lambda i: (-len(sets[i]), -scores[i], tie[i]))
+    pos = {i: p for p, i in enumerate(order)}
+    queues: dict[str, deque[int]] = {}
+    for i in order:  # queues in sort order
+        for t in sets[i]:
+            queues.setdefault(t, deque()).append(i)
+    taken = [False] * len(tags)
     chosen: list[tuple[int, int]] = []
-    remaining = order
     n_pass = 0
-    while remaining and len(chosen) < budget:
-        covered: set[str] = set()
-        rest = []
-        for i in remaining:
-            new = set(tags[i]) - covered
-            if len(chosen) < budget and new:
-                chosen.append((i, n_pass))
-                covered |= set(tags[i])
-            else:
-                rest.append(i)
-        if len(rest) == len(remaining) or not reset_coverage:
-            # nothing left adds a tag (or no new passes wanted): fill in sort order
-            chosen += [(i, n_pass + 1) for i in rest[: budget - len(chosen)]]
+    while len(chosen) < budget:
+        heap = []
+        for t, q in queues.items():
+            while q and taken[q[0]]:
+                q.popleft()
+            if q:
+                heap.append((pos[q[0]], t))
+        if not heap:  # only tag-less items remain: they fill up as the next pass
+            n_pass += 1
             break
-        remaining = rest
+        heapq.heapify(heap)
+        covered: set[str] = set()
+        while heap and len(chosen) < budget:
+            p, t = heapq.heappop(heap)
+            if t in covered:
+                continue
+            i = order[p]  # the earliest remaining item with an uncovered tag
+            taken[i] = True
+            chosen.append((i, n_pass))
+            covered |= sets[i]
+            # t's queue head is gone; its next item cannot be taken in this pass (t is covered now)
+        queues = {t: q for t, q in queues.items() if q}
         n_pass += 1
+        if not reset_coverage:
+            break
+    # fill with what no pass took (tag-less items, or the rest when passes are not repeated), in sort order
+    if len(chosen) < budget:
+        chosen += [(i, n_pass) for i in order if not taken[i]][: budget - len(chosen)]
     return chosen
 
 
@@ -192,29 +228,18 @@ def parse_judgement(text: str) -> tuple[float, float] | None:
     return extract_json(text or "", want)
 
 
-def _llm_scores(cfg: SelectConfig, ctx, recs: list[dict], texts: list[str]) -> tuple[dict[str, tuple[float, float]], int]:
-    path = ctx.out_dir / "scores.jsonl"
-    with RecordWriter(path, "prompt") as w:
-        todo = [(r, t) for r, t in zip(recs, texts) if not w.has(r["id"])]
-        if todo:
-            sampler = ctx.sampler(cfg.sampler, cfg.model)
-            bar = ctx.progress(total=len(todo), desc=f"{ctx.spec.name}: judging")
-            outs = sampler.generate([[{"role": "user", "content": JUDGE_PROMPT.format(instruction=t)}] for _, t in todo],
-                                    cfg.sampling)
-            for (r, t), comps in zip(todo, outs):
-                got = parse_judgement(comps[0].text)
-                if got is None:  # fall back to the heuristic, and say so
-                    got, ok = (richness_score(t), completeness_score(t, cfg.min_words)), False
-                else:
-                    ok = True
-                w.write({"id": r["id"], "prompt": r["prompt"], "source": f"select-judge:{sampler.name}",
-                         "meta": {"richness": got[0], "completeness": got[1], "judged": ok}})
-                bar.update(1)
-            bar.close()
-    scores, failed = {}, 0
-    for s in iter_records(path, "prompt"):
-        scores[s["id"]] = (s["meta"]["richness"], s["meta"]["completeness"])
-        failed += not s["meta"]["judged"]
+def _llm_scores(cfg: SelectConfig, ctx, recs: list[dict], texts: list[str]) -> tuple[list[tuple[float, float]], int]:
+    jobs = {r["id"]: [{"role": "user", "content": JUDGE_PROMPT.format(instruction=t)}] for r, t in zip(recs, texts)}
+    outs = sample_step(ctx, lazy_sampler(ctx, cfg.sampler, cfg.model), "judge", jobs, cfg.sampling, cfg.chunk_size)
+    scores, failed = [], 0
+    for r, t in zip(recs, texts):
+        got = parse_judgement(outs[r["id"]][0]["text"])
+        if got is None:  # fall back to the heuristic, and say so
+            got = (richness_score(t), completeness_score(t, cfg.min_words))
+            failed += 1
+        scores.append(got)
+    check_success(ctx.spec.name, "judgements parsed", len(recs) - failed, len(recs), cfg.min_success_rate,
+                  [step_path(ctx, "judge")])
     return scores, failed
 
 
@@ -231,8 +256,8 @@ def run(cfg: SelectConfig, ctx) -> dict:
         comp = [completeness_score(t, cfg.min_words) for t in texts]
     elif cfg.scoring == "llm":
         sc, judge_failed = _llm_scores(cfg, ctx, recs, texts)
-        rich = [sc[r["id"]][0] for r in recs]
-        comp = [sc[r["id"]][1] for r in recs]
+        rich = [s[0] for s in sc]
+        comp = [s[1] for s in sc]
     else:
         rich = comp = [0.0] * len(recs)
     universe = len({t for ts in tags for t in ts})

@@ -4,8 +4,9 @@ Commands:
   posttrain run RECIPE.yaml [KEY.PATH=VALUE ...] [--only NAME,NAME] [--force]
   posttrain validate RECIPE.yaml [KEY.PATH=VALUE ...]
   posttrain keys [KIND]              document the recipe keys of every stage kind
-  posttrain make-tiny-model OUT_DIR  build the tiny local Qwen2 model + tokenizer
-Other commands (sandbox, annotate, eval) are added by their modules below.
+  posttrain make-tiny-model OUT_DIR  build a test model + tokenizer (tiny, Qwen2-shaped, MoE; --tokenizer qwen2)
+  posttrain preview RECIPE --stage NAME [--rows N] [--json]   the tokens a trainer stage trains on
+Other commands (sandbox, annotate, eval, preview) are added by their modules below.
 Errors in recipes print one line (file, key path, what was expected) and exit 2.
 """
 
@@ -58,9 +59,13 @@ def _cmd_keys(a: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(a: argparse.Namespace) -> int:
+    from posttrain.core.config import build
     from posttrain.core.tiny import TinySpec, make_tiny_model
 
-    spec = TinySpec(hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
+    raw = {"num_hidden_layers": a.layers, "seed": a.seed, "tokenizer": a.tokenizer, "shape": a.shape, "moe": a.moe}
+    if a.hidden_size is not None:
+        raw["hidden_size"] = a.hidden_size
+    spec = build(TinySpec, raw, "", "posttrain make-tiny-model")
     out = make_tiny_model(a.out_dir, spec)
     print(out)
     return 0
@@ -89,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("kind", nargs="?")
     k.set_defaults(fn=_cmd_keys)
 
-    t = sub.add_parser("make-tiny-model", help="build a tiny Qwen2 model and tokenizer locally")
+    t = sub.add_parser("make-tiny-model", help="build a test model (tiny, Qwen2-shaped or MoE) and tokenizer locally")
     t.add_argument("out_dir")
-    t.add_argument("--hidden-size", type=int, default=128)
+    t.add_argument("--tokenizer", choices=["tiny", "qwen2", "qwen2.5"], default="tiny",
+                   help="tiny BPE trained here, or Qwen's real tokenizer with its published chat template")
+    t.add_argument("--shape", choices=["tiny", "qwen2-0.5b"], default="tiny", help="tiny widths or Qwen2-0.5B's")
+    t.add_argument("--moe", action="store_true", help="a Qwen2-MoE model")
+    t.add_argument("--hidden-size", type=int, default=None)
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_tiny)
@@ -103,11 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Subcommands that live next to their feature (each module exposes ``add_cli(sub)``)."""
-    from data_synthesis import annotate_app
+    from data_synthesis import annotate as annotate_app
+    from posttrain import preview
     from posttrain.evaluation import evaluate
     from reward import sandbox
 
-    return [sandbox.add_cli, annotate_app.add_cli, evaluate.add_cli]
+    return [sandbox.add_cli, annotate_app.add_cli, evaluate.add_cli, preview.add_cli]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     # argparse cannot mix a trailing positional list with options, so they are pulled out first.
     cmd = next((x for x in argv if not x.startswith("-")), None)
     overrides: list[str] = []
-    if cmd in ("run", "validate"):
+    if cmd in ("run", "validate", "preview"):
         at = argv.index(cmd)
         rest = argv[at + 1:]
         overrides = [x for x in rest[1:] if "=" in x and not x.startswith("-")]
         argv = argv[: at + 1] + [x for i, x in enumerate(rest) if i == 0 or x not in overrides]
     a = p.parse_args(argv)
-    if cmd in ("run", "validate"):
+    if cmd in ("run", "validate", "preview"):
+        stray = getattr(a, "overrides", None) or []  # what argparse took as overrides lacks '='
+        if stray:
+            print(f"error: {a.recipe}: override {stray[0]!r}: expected KEY.PATH=VALUE (e.g. seed=1)", file=sys.stderr)
+            return 2
         a.overrides = overrides
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

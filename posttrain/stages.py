@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_synthesis import (annotate_app, code_feedback, constitutional, evolve, generate, if_feedback, instag,
-                            make_task, rejection_sampling, repurpose, respond, selection)
+from data_synthesis import (annotate as annotate_app, code_feedback, constitutional, evolve, generate, if_feedback,
+                            instag, make_task, rejection_sampling, repurpose, respond, selection)
 from posttrain.core import tiny
 from posttrain.core.recipe import Recipe, StageTable
 from posttrain.evaluation import evaluate, report

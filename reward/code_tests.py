@@ -11,9 +11,9 @@ evaluation), and the CodeT-style consensus that decides which model-written test
 from __future__ import annotations
 
 import re
-import secrets
 
 from posttrain.core.text import fenced_blocks
+from reward.sandbox import RUN_TESTS
 
 
 def extract_code(text: str) -> str | None:
@@ -84,30 +84,13 @@ def select_tests(matrix: list[list[bool]], trusted: list[bool]) -> tuple[list[in
     return kept, {"no_solution_passes": none_pass, "against_consensus": against}
 
 
-# The adapter appended to every solution: runs one test with a per-test alarm. Its name gets a
-# random suffix per run, so a solution cannot pre-define it to fake passing tests.
-_ADAPTER = '''
+def test_job(code: str, tests: list[str], test_timeout_s: float) -> tuple[str, str, list[str], float]:
+    """A ``call_function`` / ``SandboxPool.call_many`` job running each test against ``code``.
 
-def @NAME@(__test):
-    import signal as __signal
-
-    def __alarm(*_):
-        raise TimeoutError("test took longer than @T@ s")
-    __signal.signal(__signal.SIGALRM, __alarm)
-    __signal.setitimer(__signal.ITIMER_REAL, @T@)
-    try:
-        exec(__test, globals())
-    finally:
-        __signal.setitimer(__signal.ITIMER_REAL, 0)
-    return True
-'''
-
-
-def test_job(code: str, tests: list[str], test_timeout_s: float) -> tuple[str, str, list[str]]:
-    """A ``call_function`` job running each test against ``code`` (adapter name randomised per job)."""
-    name = f"_cf_run_{secrets.token_hex(8)}"
-    adapter = _ADAPTER.replace("@T@", repr(float(test_timeout_s))).replace("@NAME@", name)
-    return code + adapter, name, tests
+    The tests run in the sandbox's judge, apart from the solution's process (see
+    ``reward.sandbox_judge``): a solution cannot fake passing tests; each test gets ``test_timeout_s``.
+    """
+    return code, RUN_TESTS, list(tests), float(test_timeout_s)
 
 
 def code_pass_rate(response: str, tests: list[str], *, test_timeout_s: float = 5.0) -> float:
@@ -120,7 +103,7 @@ def code_pass_rate(response: str, tests: list[str], *, test_timeout_s: float = 5
         return 0.0
     from reward.sandbox import SandboxLimits, call_function
 
-    limits = SandboxLimits(timeout_s=test_timeout_s * len(tests) + 5)
+    limits = SandboxLimits(timeout_s=(test_timeout_s + 1) * len(tests) + 5)
     _, outcomes = call_function(*test_job(code, tests, test_timeout_s), limits=limits)
     return sum(v is True for v in outcomes) / len(tests)
 

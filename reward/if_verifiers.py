@@ -34,7 +34,7 @@ class CrossValConfig:
     min_functions: int = key(1, "keep an instruction with at least this many kept functions (AutoIF: 1)")
     min_cases: int = key(1, "... and at least this many kept cases")
     timeout_s: float = key(5.0, "sandbox wall-clock limit per function process (AutoIF: 5 s alarm per call)")
-    memory_mb: int = key(512, "sandbox address-space limit")
+    memory_mb: int = key(512, "sandbox memory of one function's run (all its processes together)")
     workers: int | None = key(None, "parallel sandbox processes (default: CPU count)")
 
     def check(self) -> None:
@@ -86,7 +86,9 @@ def cross_validate(functions: list[str], cases: list[dict], pool: Any, cfg: Cros
     """Cross-validate verifier functions and test cases in the sandbox (AutoIF step 3).
 
     ``pool`` is a ``reward.sandbox.SandboxPool`` (anything with its
-    ``call_many``). Each function runs in ONE sandboxed process over all cases.
+    ``call_many``). Each function runs in ONE sandboxed run over all cases; its values come back
+    as plain data through the sandbox's judge (``reward.sandbox_judge``), so a function cannot
+    report anything but what it returned.
     A function is dropped when it names the network, when its process dies
     (timeout, memory, killed) or when every call raises (including failing to
     load). A verdict that is not a bool counts as wrong.

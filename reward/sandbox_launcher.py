@@ -1,14 +1,15 @@
 """The process that sets up one sandbox execution (run as a script by ``reward.sandbox``).
 
 Input: ``python -I -S -B sandbox_launcher.py --launch DIR`` where ``DIR/spec.bin`` is a
-``marshal``-ed dict (code, files, limits, interpreter, cgroups, status fd), or
-``--probe``. Output: the program's stdout/stderr pass through; one status line
-(``exit N`` / ``signal N``) is written to the inherited status fd.
+``marshal``-ed dict (code, files, limits, the per-process rlimits ``rl``, interpreter,
+cgroups, status fd, optional result fd), or ``--probe``. Output: the program's
+stdout/stderr pass through; one status line (``exit N`` / ``signal N``) is written to the
+inherited status fd; the result fd, when given, becomes the program's fd 3.
 
 It runs once per execution, so it imports only builtin-speed modules (os, sys,
 marshal, ctypes, resource): ``json``/``re``/``dataclasses`` would double the
 start-up cost. The steps and why they are there are described in
-``data_synthesis/sandbox.py``.
+``reward/sandbox.py``.
 """
 
 import marshal
@@ -20,10 +21,17 @@ SIGKILL = 9
 
 _CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
+_CLONE_NEWCGROUP = 0x02000000
 _ALL_NS = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
+RESULT_FD = 3  # where the program finds the result pipe (call_function's judge writes its verdicts there)
+# keyctl(2) / add_key(2) syscall numbers; other architectures get no keyring isolation (reported by --probe)
+_KEYCTL_NR = {"x86_64": 250, "aarch64": 219, "riscv64": 219}
+_KEYCTL_JOIN_SESSION_KEYRING, _KEYCTL_CLEAR, _KEYCTL_UNLINK, _KEYCTL_GET_PERSISTENT = 1, 7, 9, 22
+_KEY_SPEC_SESSION, _KEY_SPEC_USER, _KEY_SPEC_USER_SESSION = -3, -4, -5
+_ENOSYS, _EOPNOTSUPP, _EINVAL = 38, 95, 22
 
 
 def _libc():
@@ -54,20 +62,69 @@ def _bind_ro(libc, src: str, root: str) -> None:
     _mount(libc, None, dst, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
 
 
+def _unshare(libc, flags: int) -> None:
+    """``unshare(flags)`` with a new cgroup namespace too (hides the host's cgroup paths) where the kernel has one."""
+    if libc.unshare(flags | _CLONE_NEWCGROUP) != 0:
+        _check(libc.unshare(flags), "unshare")
+
+
 def _enter_userns(libc) -> None:
     """New user namespace (plus the others) mapping only our own uid/gid to themselves."""
     uid, gid = os.getuid(), os.getgid()
-    _check(libc.unshare(_ALL_NS | _CLONE_NEWUSER), "unshare")
+    _unshare(libc, _ALL_NS | _CLONE_NEWUSER)
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+
+
+def _keyctl(libc, *args) -> int:
+    import ctypes
+
+    nr = _KEYCTL_NR.get(os.uname().machine)
+    if nr is None:
+        raise OSError(_ENOSYS, "keyctl: syscall number unknown on this architecture")
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    if r == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, f"keyctl({args[0]}): {os.strerror(e)}")
+    return r
+
+
+def fresh_keyrings(libc, clear_user: bool) -> bool:
+    """Give this process a new empty session keyring; with ``clear_user`` also wipe its uid's user keyrings.
+
+    The session keyring is inherited through fork and exec: without this the program could
+    read, change or add keys of whoever launched it. The user keyrings belong to the uid and
+    outlive the run: for a per-run sandbox uid (a later run may get the same uid) they are
+    cleared; never for the caller's own uid. False when the kernel has no keyrings (nothing to
+    share then); raises when isolation failed.
+    """
+    try:
+        _keyctl(libc, _KEYCTL_JOIN_SESSION_KEYRING, None)
+    except OSError as e:
+        if e.errno == _ENOSYS:
+            return False
+        raise
+    if not clear_user:
+        return True
+    for spec in (_KEY_SPEC_USER, _KEY_SPEC_USER_SESSION):
+        _keyctl(libc, _KEYCTL_CLEAR, spec)
+    try:
+        pk = _keyctl(libc, _KEYCTL_GET_PERSISTENT, -1, _KEY_SPEC_SESSION)
+    except OSError as e:
+        if e.errno not in (_EOPNOTSUPP, _ENOSYS, _EINVAL):
+            raise
+    else:
+        _keyctl(libc, _KEYCTL_CLEAR, pk)
+        _keyctl(libc, _KEYCTL_UNLINK, pk, _KEY_SPEC_SESSION)
+    return True
 
 
 def probe_main() -> None:
     """Try the namespaces in throw-away children; print ``netns=1 pidns=1 mountns=1 userns=1``-style words."""
     res = []
     for key, flag in (("netns", _CLONE_NEWNET), ("pidns", _CLONE_NEWPID), ("mountns", _CLONE_NEWNS),
-                      ("userns", None)):
+                      ("userns", None), ("cgroupns", _CLONE_NEWCGROUP), ("keyring", -1)):
         pid = os.fork()
         if pid == 0:
             try:
@@ -75,6 +132,8 @@ def probe_main() -> None:
                 if flag is None:  # the unprivileged path: all namespaces under a new user namespace
                     _enter_userns(libc)
                     _mount(libc, "tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m")
+                elif flag == -1:
+                    os._exit(0 if fresh_keyrings(libc, clear_user=False) else 1)
                 else:
                     _check(libc.unshare(flag), "unshare")
                 os._exit(0)
@@ -85,21 +144,40 @@ def probe_main() -> None:
     print(" ".join(res))
 
 
-def _set_rlimits(lim: dict, nproc: int | None = None) -> None:
+def _set_rlimits(lim: dict, rl: dict, nproc: int | None = None) -> None:
     import resource
 
     mb = 1024 * 1024
     cpu = lim["cpu_s"] if lim["cpu_s"] is not None else lim["timeout_s"]
     cpu = max(1, int(cpu + 0.999))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # soft: SIGXCPU, hard: SIGKILL a second later
-    resource.setrlimit(resource.RLIMIT_AS, (lim["memory_mb"] * mb, lim["memory_mb"] * mb))
+    # address space per process: the whole budget under a memory cgroup, a share of it without one
+    resource.setrlimit(resource.RLIMIT_AS, (rl["as_mb"] * mb, rl["as_mb"] * mb))
     resource.setrlimit(resource.RLIMIT_FSIZE, (lim["max_file_mb"] * mb, lim["max_file_mb"] * mb))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
     # counted per real uid (threads too), never enforced for root: exact with a fresh uid; for a
-    # shared uid the caller passes what that uid already runs plus max_procs
-    n = lim["max_procs"] if nproc is None else nproc
+    # shared uid the caller passes what that uid already runs plus the run's share
+    n = rl["nproc"] if nproc is None else nproc
     resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+
+
+def _program_fds(stdin_fd: int, result_fd: int | None) -> None:
+    """In the program's process: stdin on 0, the result pipe on 3, every other inherited fd closed."""
+    os.dup2(stdin_fd, 0)
+    if result_fd is not None:
+        if result_fd != RESULT_FD:
+            os.dup2(result_fd, RESULT_FD)
+        os.set_inheritable(RESULT_FD, True)
+    os.closerange(RESULT_FD + (result_fd is not None), 1 << 16)
+
+
+def _isolate_keyrings(libc, clear_user: bool) -> None:
+    try:
+        fresh_keyrings(libc, clear_user)
+    except OSError as e:  # never run the program with the caller's keyring
+        os.write(2, f"[sandbox] keyring isolation failed: {e}\n".encode())
+        os._exit(125)
 
 
 def _write_work_files(work: str, spec: dict, uid) -> None:
@@ -161,11 +239,12 @@ def launch_main(tmp: str) -> None:
            "HOME": "/sandbox", "TMPDIR": "/tmp"}
     stdin_path = os.path.join(tmp, "stdin.txt") if spec["stdin"] else "/dev/null"
     status_fd = spec["status_fd"]
+    result_fd = spec.get("result_fd")
     for cg in spec["cgroups"]:
         with open(os.path.join(cg, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     if spec["mode"] == "rlimits":
-        _launch_rlimits_only(tmp, spec, argv, env, stdin_path, status_fd)
+        _launch_rlimits_only(tmp, spec, argv, env, stdin_path, status_fd, result_fd)
     libc = _libc()
     if spec["mode"] == "userns":
         # unprivileged: the program keeps our uid (the only one mapped) and, not being uid 0 in
@@ -174,15 +253,20 @@ def launch_main(tmp: str) -> None:
         _enter_userns(libc)
     else:
         uid = SANDBOX_UID_BASE + os.getpid()
-        _check(libc.unshare(_ALL_NS), "unshare")
+        _unshare(libc, _ALL_NS)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount propagates to the host
+    libc.sethostname(b"sandbox", 7)  # the UTS namespace starts with the host's name
     child = os.fork()
     if child:
         os.close(status_fd)
+        if result_fd is not None:
+            os.close(result_fd)
         _, st = os.waitpid(child, 0)
         os._exit(os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
     # ---- PID 1 of the new PID namespace: dies with the launcher, takes everything with it
     _check(libc.prctl(_PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "prctl")
+    # not dumpable: the program (same uid in userns mode) cannot ptrace us or open /proc/1/{fd,mem,environ}
+    _check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl")
     stdin_fd = os.open(stdin_path, os.O_RDONLY)
     root = os.path.join(tmp, "root")
     os.mkdir(root)
@@ -205,7 +289,13 @@ def launch_main(tmp: str) -> None:
     _mount(libc, "tmpfs", os.path.join(root, "dev/shm"), "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
            "size=16m,mode=1777")
     os.makedirs(os.path.join(root, "proc"))
-    _mount(libc, "proc", os.path.join(root, "proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    # hidepid: the program sees only processes it may ptrace, so not this PID 1 (its command line
+    # names the launcher and the host's temp folder); "invisible" needs Linux 5.8, 2 is the older spelling
+    try:
+        _mount(libc, "proc", os.path.join(root, "proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+               "hidepid=invisible")
+    except OSError:
+        _mount(libc, "proc", os.path.join(root, "proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
     os.makedirs(os.path.join(root, "tmp"))
     os.chmod(os.path.join(root, "tmp"), 0o1777)
     work = os.path.join(root, "sandbox")
@@ -215,17 +305,19 @@ def launch_main(tmp: str) -> None:
     os.chdir("/sandbox")
     pid = os.fork()
     if pid == 0:
-        # ---- the program: fresh uid, limits, no way to regain privileges
-        os.dup2(stdin_fd, 0)
-        os.close(stdin_fd)
-        os.close(status_fd)
-        _set_rlimits(lim)  # in a user namespace RLIMIT_NPROC counts only that namespace's tasks
+        # ---- the program: fresh uid, limits, own keyrings, no way to regain privileges
+        _program_fds(stdin_fd, result_fd)
+        # in a user namespace RLIMIT_NPROC counts that namespace's tasks of our uid: PID 1 is one of them
+        _set_rlimits(lim, spec["rl"], spec["rl"]["nproc"] + (uid is None))
         if uid is not None:
             _drop_privileges(uid, libc)
         else:
             libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        _isolate_keyrings(libc, clear_user=uid is not None)
         os.execve(spec["python"], argv, env)
     os.close(stdin_fd)
+    if result_fd is not None:
+        os.close(result_fd)
     # Reap everything (orphans re-parent to PID 1) until the program itself is gone; our exit
     # then makes the kernel kill whatever is left in the namespace.
     st = 0
@@ -241,7 +333,8 @@ def launch_main(tmp: str) -> None:
     os._exit(0)
 
 
-def _launch_rlimits_only(tmp: str, spec: dict, argv: list, env: dict, stdin_path: str, status_fd: int) -> None:
+def _launch_rlimits_only(tmp: str, spec: dict, argv: list, env: dict, stdin_path: str, status_fd: int,
+                         result_fd: int | None) -> None:
     """No namespaces: become the program in a work dir under the host temp folder."""
     work = os.path.join(tmp, "work")
     os.mkdir(work)
@@ -253,13 +346,15 @@ def _launch_rlimits_only(tmp: str, spec: dict, argv: list, env: dict, stdin_path
         os.chown(tmp, uid, uid)
     os.chdir(work)
     fd = os.open(stdin_path, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
     os.close(status_fd)
-    nproc = None if uid is not None else _tasks_of_uid(os.getuid()) + spec["limits"]["max_procs"]
-    _set_rlimits(spec["limits"], nproc)
+    _program_fds(fd, result_fd)
+    if spec["stdin"]:
+        os.unlink(stdin_path)  # the work dir is next to it: do not leave the input readable by path
+    nproc = None if uid is not None else _tasks_of_uid(os.getuid()) + spec["rl"]["nproc"]
+    _set_rlimits(spec["limits"], spec["rl"], nproc)
     if uid is not None:
         _drop_privileges(uid)
+    _isolate_keyrings(_libc(), clear_user=uid is not None)
     env["HOME"] = work
     env["TMPDIR"] = work
     os.execve(spec["python"], argv, env)

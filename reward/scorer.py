@@ -6,7 +6,7 @@ Output: one float per conversation. Used by synthesis stages, ``eval``, online
 DPO and the reward stage's own held-out evaluation, so every caller scores a
 conversation exactly the way the reward model was trained to read it: the
 tokenizer's chat template over ``prompt + [assistant response]``, the score
-taken at the last real token.
+taken at the last real token that is not the model's pad id (where the model itself pools).
 
 Padding: batches are padded on the tokenizer's side (the tiny tokenizer pads
 left), but the score is read at the last position whose attention mask is 1
@@ -43,7 +43,10 @@ class RewardScorer:
         if getattr(cfg, "num_labels", 1) != 1:
             raise ValueError(f"{model_path}: a reward model has num_labels=1, this one has {cfg.num_labels}")
         dev = resolve_device(device)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch_dtype(dtype, dev))
+        from posttrain.core.distributed import plain_loading
+
+        with plain_loading():  # a scorer is never a ZeRO-3 engine: load it whole, on this rank alone
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch_dtype(dtype, dev))
         model.to(dev)
         tok = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         self._init(model, tok, batch_size=batch_size, max_length=max_length)
@@ -152,7 +155,11 @@ class RewardScorer:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so left padding does not shift RoPE positions.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        last = last_token_index(mask)
+        # Read the score where the model read it in training: HF's sequence-classification models pool at
+        # the last token that is not the config's pad id, so a conversation that ends in that id (pad ==
+        # eos, and a template ending in eos) was scored before it; the mask alone would read one later.
+        model_pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        last = last_token_index(mask if model_pad is None else mask * (ids != model_pad))
         rows = torch.arange(ids.size(0), device=self.device)
         head = getattr(self.model, "score", None)
         trunk = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)

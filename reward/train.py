@@ -23,7 +23,10 @@ Output, in the stage folder (so later stages name ``@reward`` as a reward model)
 Loss: ``-log sigmoid(r_chosen - r_rejected - margin)`` (Bradley-Terry; the
 margin term is Llama 2's, section 3.2.2, used when rows carry ``margin`` and
 ``use_margin`` is on; rows without one get 0), optionally plus TRL's reward
-centring term. Training runs through TRL's ``RewardTrainer`` with the shared
+centring term. ``packing: true`` trains padding-free (``reward.packed``: each
+micro-batch's conversations packed into one row, per-document attention, the
+score read at each conversation's last token, as the scorer reads it). Training
+runs through TRL's ``RewardTrainer`` with the shared
 trainer plumbing of ``posttrain.trainers.sft`` (schedule with floor, loss log, DeepSpeed
 set-up, checkpoints), so the same accelerate/DeepSpeed launches work.
 Held-out scoring goes through ``RewardScorer`` on the saved folder, i.e. the
@@ -41,14 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from posttrain.core.attention import CPU_VARLEN, register_sdpa_varlen
 from posttrain.core.config import key
-from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import DataSection, InputSpec
 from posttrain.core.inputs import input_label as _label
 from posttrain.core.devices import torch_dtype
 from posttrain.core.distributed import barrier, is_main_process, setup_distributed
 from posttrain.core.errors import BadInput
 from posttrain.core.trainkit import (LoraSection, ScheduleMixin, TrainArgs, begin, dataset_on_disk, finish,
-                                     lora_config, trl_args)
+                                     lora_config, prepare_moe, trl_args)
 
 log = logging.getLogger("posttrain")
 
@@ -65,6 +69,7 @@ class RewardStageConfig:
     """Stage ``reward``: Bradley-Terry reward model (sequence-classification head) on preference records."""
 
     input: InputSpec = key(doc="preference records (file or @stage)", input="preference")
+    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
     eval_input: InputSpec | None = key(None, "held-out preferences; unset: split eval_fraction off input", input="preference")
     eval_fraction: float = key(0.1, "share of input held out when eval_input is unset (0: no held-out eval)")
     split_by: Literal["prompt", "row"] = key("prompt", "held-out unit: whole prompts (no prompt in both) or rows")
@@ -76,6 +81,8 @@ class RewardStageConfig:
     breakdown: list[str] = key(factory=list, doc="extra held-out breakdowns: \"meta.KEY\" or a record key")
     train_eval_limit: int = key(256, "training pairs also scored after training (fit check; 0: none)")
     eval_batch_size: int = key(16, "conversations per scoring forward pass")
+    packing: bool = key(False, "padding-free: each micro-batch's chosen and rejected conversations packed into one "
+                        "row (per-document sdpa on CPU, flash-attention varlen on GPU)")
     attn_implementation: str | None = key(None, "null: flash_attention_2 on GPU when installed, else model.attn_implementation")
     limit: int | None = key(None, "use only the first N input records")
     resume: bool = key(True, "continue from the newest checkpoint in checkpoints/ when present")
@@ -91,6 +98,12 @@ class RewardStageConfig:
         for b in self.breakdown:
             if not b or b == "meta.":
                 raise ValueError(f"breakdown: bad field {b!r} (use 'meta.KEY' or a record key)")
+        if self.packing:
+            from reward.packed import INERT_ARGS
+
+            inert = sorted(set(self.train.extra) & set(INERT_ARGS))
+            if inert:
+                raise ValueError(f"train.extra.{inert[0]} has no effect with packing: true (remove it)")
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -224,11 +237,15 @@ def evaluate_records(scorer: Any, records: list[dict], breakdown: list[str]) -> 
 
 # ---------------------------------------------------------------- trainer
 
-def _reward_trainer_class() -> type:
-    """TRL's RewardTrainer + the peak->floor schedule, with accuracy/margin in the loss log."""
+def _reward_trainer_class(packed: bool = False) -> type:
+    """TRL's RewardTrainer + the peak->floor schedule, with accuracy/margin in the loss log (packed: ``reward.packed``)."""
     from trl import RewardTrainer
 
-    class PosttrainRewardTrainer(ScheduleMixin, RewardTrainer):
+    from reward.packed import PackedRewardMixin
+
+    mixins = (PackedRewardMixin,) if packed else ()
+
+    class PosttrainRewardTrainer(*mixins, ScheduleMixin, RewardTrainer):
         def log(self, logs: dict, start_time: float | None = None) -> None:  # noqa: D102
             # TRL adds its batch metrics inside log(); copy them under "rewards/" first so the
             # shared loss-log callback (which keeps rewards/* keys) records them per step.
@@ -253,22 +270,25 @@ def load_reward_model(path: str, dtype: str, attn: str, pad_token_id: int | None
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # sequence classifiers pool at the last non-pad token
     model.config.use_cache = False
+    prepare_moe(model)
     return model
 
 
 def build_reward_trainer(cfg: RewardStageConfig, model_path: str, tokenizer: Any, rows: list[dict], out_dir: Path,
                          seed: int, dtype: str = "auto", attn: str = "sdpa", callbacks: list | None = None,
                          run_name: str | None = None) -> Any:
-    """The configured trainer (also used by tests)."""
+    """The configured trainer, padded (TRL's) or packed (``cfg.packing``); also used by tests and the benchmark."""
     from trl import RewardConfig
 
+    if attn == CPU_VARLEN:
+        register_sdpa_varlen()
     setup_distributed(cfg.train.deepspeed)
     args = trl_args(RewardConfig, cfg.train, out_dir, seed, run_name=run_name, max_length=cfg.max_length,
                     center_rewards_coefficient=cfg.center_rewards_coefficient, dataset_num_proc=None,
                     eval_strategy="no", disable_dropout=True)
     model = load_reward_model(model_path, dtype, attn, tokenizer.pad_token_id, seed)  # after args: ZeRO-3 init
     train_ds = dataset_on_disk(rows, out_dir / "_data")
-    cls = _reward_trainer_class()
+    cls = _reward_trainer_class(cfg.packing)
     peft = lora_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]) if cfg.lora else None
     trainer = cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft,
                   callbacks=callbacks or [])
@@ -280,7 +300,7 @@ def build_reward_trainer(cfg: RewardStageConfig, model_path: str, tokenizer: Any
 
 def run(cfg: RewardStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``reward``."""
-    tr = begin(cfg, ctx)
+    tr = begin(cfg, ctx, packed=cfg.packing)
     cfg, tok = tr.cfg, tr.tokenizer
     if not getattr(tok, "chat_template", None):
         raise BadInput(f"{ctx.tokenizer_path(tr.model_path)}: the tokenizer has no chat template (set "

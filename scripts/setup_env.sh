@@ -17,9 +17,9 @@ want=$(cat pyproject.toml scripts/setup_env.sh scripts/install_browser.sh 2>/dev
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "setting up $VENV (torch CPU build, project with [cpu,test] extras)..."
+echo "setting up $VENV (torch CPU build, project with [cpu,test,eval] extras)..."
 "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[cpu,test]"
+"$VENV/bin/pip" install -q --disable-pip-version-check -e ".[cpu,test,eval]"
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 if [ -f scripts/install_browser.sh ]; then
   bash scripts/install_browser.sh

@@ -14,8 +14,58 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+# The fast tier (`pytest -m "not slow"`, ~90 s on 2 cores) leaves out, besides tests marked in their
+# file: every test that needs the session's vLLM engine (its start alone takes ~40 s), and these,
+# measured at 4 s or more each in a full run (`--durations=0`). Re-measure when a test grows.
+SLOW_FIXTURES = {"vllm_sampler"}
+SLOW_FILES = {"tests/test_demo.py", "tests/test_launch.py", "tests/test_moe.py"}
+SLOW_TESTS = {
+    "tests/test_samplers.py::test_openai_backend_against_vllm_serve",
+    "tests/test_online_dpo.py::test_online_dpo_raises_reward_and_saves_model",
+    "tests/test_sft.py::test_resume_gives_same_weights",
+    "tests/test_sft.py::test_sft_loss_falls_and_schedule_endpoints",
+    "tests/test_reward.py::test_heldout_split_is_by_prompt",
+    "tests/test_reward.py::test_loss_log_falls_and_stage_is_skipped_on_rerun",
+    "tests/test_reward.py::test_scorer_prefers_chosen_on_heldout_and_matches_stage_eval",
+    "tests/test_benchmarks.py::test_lm_eval_refuses_cleanly_without_the_hub",
+    "tests/test_benchmarks.py::test_lm_eval_runs_a_local_task_offline",
+    "tests/test_benchmarks.py::test_humaneval_canonical_solutions_all_pass_in_the_sandbox",
+    "tests/test_benchmarks.py::test_humaneval_body_only_and_wrong_and_hostile_responses",
+    "tests/test_bad_records.py::test_bad_file_is_one_line_everywhere",
+    "tests/test_layouts.py::test_one_step_of_each_trainer_from_each_container",
+    "tests/test_merging.py::test_zero_matches_single_process",
+    "tests/test_if_feedback.py::test_kill_and_resume",
+    "tests/test_if_feedback.py::test_if_feedback_real_vllm",
+    "tests/test_if_feedback.py::test_stage_scripted",
+    "tests/test_forgery.py::test_code_test_forgery_fails",
+    "tests/test_forgery.py::test_forgeries_fail_through_the_pool_and_the_evaluator",
+    "tests/test_reward.py::test_learnable_preference_reaches_heldout_accuracy",
+    "tests/test_reward.py::test_lora_from_policy_folder_merges_and_scores",
+    "tests/test_packing.py::test_reward_stage_packed_trains_like_padded",
+    "tests/test_packing.py::test_packed_dpo_equals_trl_padded",
+    "tests/test_packing.py::test_dpo_stage_packed_trains_like_padded",
+    "tests/test_online_dpo.py::test_vllm_sync_and_skipped_sync",
+    "tests/test_online_dpo.py::test_merging_and_lora_run",
+    "tests/test_code_feedback.py::test_real_run_on_tiny_model",
+    "tests/test_code_feedback.py::test_kill_and_resume",
+    "tests/test_code_feedback.py::test_stage_results",
+    "tests/test_dpo.py::test_dpo_raises_margin_and_heldout_accuracy",
+    "tests/test_dpo.py::test_precomputed_and_live_reference_same_first_steps",
+    "tests/test_answers.py::test_hostile_input_in_a_thread_is_bounded",
+    "tests/test_samplers.py::test_openai_retries_on_429_and_5xx",
+    "tests/test_sandbox.py::test_pool_matches_serial_and_keeps_order",
+    "tests/test_annotate.py::test_browser_rank_edit_submit_export",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip ``gpu``-marked tests on machines without CUDA."""
+    """Mark the slow tier (above); skip ``gpu``-marked tests on machines without CUDA."""
+    slow = pytest.mark.slow
+    for it in items:
+        node = it.nodeid.split("[")[0]
+        if (node in SLOW_TESTS or node.split("::")[0] in SLOW_FILES
+                or SLOW_FIXTURES & set(getattr(it, "fixturenames", ()))):
+            it.add_marker(slow)
     try:
         import torch
 

@@ -184,37 +184,52 @@ class Crash(RuntimeError):
     pass
 
 
+def _cache(path: Path) -> list[str]:
+    """The keys of a step cache, in file order (repeats kept, so a duplicate shows)."""
+    return [json.loads(line)["k"] for line in path.read_text().splitlines() if line.strip()]
+
+
 @needs_isolation
 def test_kill_and_resume(tmp_path, scripted_run):
-    _, full = scripted_run
+    full_out, full = scripted_run
     calls = {"n": 0}
 
     class Dying(ScriptedSampler):
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, seeds=None):
             calls["n"] += 1
-            if calls["n"] == 2:  # chunk 1 (all have tests): solutions; chunk 2: dies at its solutions
+            if calls["n"] == 2:  # chunk 1: solutions of 3 problems; chunk 2: dies at its solutions
                 raise Crash("killed")
-            return super().generate(prompts, params)
+            return super().generate(prompts, params, seeds)
 
     with pytest.raises(Crash):
         recipe(tmp_path).run(sampler=Dying(scripted))
     out = tmp_path / "out/cf"
-    assert len(read_records(out / "problems.jsonl")) == 3
-    with open(out / "preferences.jsonl", "a") as f:
-        f.write('{"id": "torn", "prompt": [')
+    # the first chunk is committed, nothing else; no records are written before the end
+    assert _cache(out / "steps/solutions.jsonl") == ["code-add", "code-reverse", "code-fizzbuzz"]
+    assert not (out / "steps/tests.jsonl").exists() and not (out / "steps/runs.jsonl").exists()
+    for name in ("demonstrations.jsonl", "preferences.jsonl", "problems.jsonl"):
+        assert not (out / name).exists()
+    with open(out / "steps/solutions.jsonl", "a") as f:  # a kill mid-write: the torn line is cut on resume
+        f.write('{"k": "code-max", "v": [')
     again = ScriptedSampler(scripted)
     s = recipe(tmp_path).run(sampler=again)["cf"]["summary"]
+    # only the 4 missing problems' solutions are sampled again (plus the 2 test-writing prompts)
     assert sum(len(c) for c in again.calls if "Write 5 test" not in c[0][-1]["content"]) == 4
     for k in ("problems", "demonstrations", "preferences", "tests_kept", "problems_with_passing"):
         assert s[k] == full[k], k
+    for step in ("solutions", "runs"):  # every problem once: nothing lost, no duplicates
+        assert sorted(_cache(out / f"steps/{step}.jsonl")) == sorted(_cache(full_out / f"steps/{step}.jsonl"))
+    assert sorted(_cache(out / "steps/tests.jsonl")) == ["code-factorial", "code-prime"]
     for name in ("demonstrations.jsonl", "preferences.jsonl", "problems.jsonl"):
-        ids = [r["id"] for r in read_records(out / name)]
-        assert len(ids) == len(set(ids))
+        got = read_records(out / name)
+        assert len({r["id"] for r in got}) == len(got)
+        assert sorted(got, key=lambda r: r["id"]) == sorted(read_records(full_out / name), key=lambda r: r["id"])
 
 
 @needs_isolation
 def test_real_run_on_tiny_model(tmp_path, vllm_sampler):
-    res = recipe(tmp_path, limit=3, n_solutions=2, n_test_samples=1, chunk_size=2,
+    # the random tiny model writes no code: min_success_rate 0 lets the run go end to end
+    res = recipe(tmp_path, limit=3, n_solutions=2, n_test_samples=1, chunk_size=2, min_success_rate=0,
                  sampling={"max_tokens": 32, "temperature": 1.0, "seed": 0}).run(sampler=vllm_sampler)
     s = res["cf"]["summary"]
     assert s["problems"] == 3

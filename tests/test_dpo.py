@@ -124,15 +124,15 @@ def test_bad_preference_input(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from posttrain.trainers.dpo import DPOStageConfig, build_dpo_trainer
-    from posttrain.core.errors import BadInput
+    from posttrain.core.errors import BadInput, ConfigError
 
     same = tmp_path / "same.jsonl"
     write_records(same, make_prefs(3, same=3))
-    with pytest.raises(BadInput, match="all 3 pairs have chosen == rejected"):
+    with pytest.raises(ConfigError, match="same.jsonl: 3 of 3 rows are unusable .*chosen_equals_rejected"):
         run_recipe(dpo_recipe(tmp_path, tiny_model_dir, same), tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(BadInput, match="no preference records"):
+    with pytest.raises(ConfigError, match="empty.jsonl: no records"):
         run_recipe(dpo_recipe(tmp_path / "e", tiny_model_dir, empty), tmp_path / "e")
     tok = copy.deepcopy(AutoTokenizer.from_pretrained(tiny_model_dir))
     tok.chat_template = None

@@ -93,11 +93,19 @@ def test_evolve_stage_rounds_levels_and_failures(tmp_path):
 def test_evolve_resumes_without_resampling(tmp_path):
     s = ScriptedSampler(evolver)
     _run(tmp_path, s)
-    (tmp_path / "run" / "evolve" / "manifest.json").unlink()  # as if killed before the manifest
+    out = tmp_path / "run" / "evolve"
+    first = {f: read_records(out / f) for f in ("records.jsonl", "failed.jsonl")}
+    (out / "manifest.json").unlink()  # as if killed before the manifest
     s2 = ScriptedSampler(evolver)
     st = _run(tmp_path, s2)
-    assert s2.calls == []  # kept and failed evolutions are both remembered
-    assert st["records"] == 5 and st["rounds"][0]["resumed"] == 3
+    assert s2.calls == []  # kept and failed evolutions are both remembered (step caches)
+    assert st["records"] == 5 and st["rounds"][0]["attempted"] == 3
+    for step, n in (("round1", 3), ("round2", 1)):  # each model call cached once, none added by the re-run
+        keys = [json.loads(x)["k"] for x in (out / "steps" / f"{step}.jsonl").read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == n
+    for f, recs in first.items():  # the same records as the first run, no duplicates
+        again = read_records(out / f)
+        assert again == recs and len({r["id"] for r in again}) == len(again)
 
 
 def test_evolve_without_originals(tmp_path):

@@ -1,12 +1,17 @@
 """Stage ``if_feedback``: verifier cross-validation on hand-made functions with known outcomes (in the real
 sandbox), malicious verifiers contained, pass rates / evaluator, the whole stage with a scripted sampler
-(malformed JSON included), kill-and-resume, and one real run on the tiny model through vLLM."""
+(malformed JSON and unparseable verdicts included), back-translation of up to ``back_translate_functions``
+functions, the quality filter, up to ``max_pairs_per_prompt`` pairs per prompt, kill-and-resume (a real SIGKILL
+mid-step), the success-rate floor, and one real run on the tiny model through vLLM."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -14,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from data_synthesis import if_feedback
-from data_synthesis.if_feedback import load_seeds, parse_verifier_reply
+from data_synthesis.if_feedback import load_seeds, parse_consistency, parse_quality_score, parse_verifier_reply
 from reward.if_verifiers import (CrossValConfig, cross_validate, evaluate_response, load_verifiers, pass_rates,
                                  uses_network)
 from reward.sandbox import SandboxLimits, SandboxPool
 from posttrain.stages import load_recipe, recipe_from_dict
-from posttrain.core.records import read_records
+from posttrain.core.records import read_records, record_id
 from posttrain.core.sampling.scripted import ScriptedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +195,18 @@ def iff_reply(prompt, j):
     if text.startswith("Instruction A:"):  # consistency
         if "commas" in text:
             return '{"consistent": false}'
-        return '{"consistent": true}' if "banana" in text else "hmm"
+        return "hmm" if "lowercase" in text else 'Sure: {"consistent": true}'
+    if text.startswith("You are an expert at judging"):  # quality rating
+        return QUALITY.get(rated_response(text), "Helpful and on topic.\nScore: 9")
     return ["a ripe banana is all good", "Hello, World", "Hello", "a ripe banana is all good"][j]
+
+
+QUALITY = {"Hello, World": "Off topic.\nScore: 5", "Hello": "Looks fine to me."}  # below 8; unparseable
+
+
+def rated_response(quality_prompt_text: str) -> str:
+    """The response a quality-rating prompt asks about."""
+    return quality_prompt_text.split("[Response] ", 1)[1].split("\nThe response must", 1)[0]
 
 
 @pytest.fixture
@@ -222,27 +237,37 @@ def test_stage_scripted(tmp_path, small_seeds):
     cv = stats["cross_validation"]
     assert cv["instructions"] == 5 and cv["kept"] == 4 and cv["dropped_too_few_candidates"] == 1  # exclamation: no verifiers
     assert cv["functions_dropped_network"] == 1 and cv["functions_kept"] == 8
-    assert stats["back_translation"] == {"checked": 4, "inconsistent": 1, "consistent": 1, "unjudged_kept": 2}
+    # both kept functions of each of the 4 instructions are back-translated: no-commas is judged inconsistent,
+    # lowercase's verdicts do not parse (counted, and the instruction is dropped, not kept unjudged)
+    assert stats["back_translation"] == {"instructions": 4, "functions_checked": 8, "consistent": 4, "inconsistent": 2,
+                                         "unparsed": 2, "kept": 2, "dropped_inconsistent": 1, "dropped_unparsed": 1}
     verifiers = load_verifiers(out / "verifiers.jsonl")
-    assert {v["instruction"] for v in verifiers} == {BANANA, "Answer in fewer than 50 words.",
-                                                     "Your entire response must be in lowercase letters; no capital letters are allowed."}
+    assert {v["instruction"] for v in verifiers} == {BANANA, "Answer in fewer than 50 words."}
     assert all(len(v["functions"]) == 2 for v in verifiers)
-    # per prompt: lowercase [1, 0, 0, dup], under-50 [1, 1, 1, dup], banana [1, 0, 0, dup]
+    # per prompt (pass rates): under-50 [1, 1, 1, dup], banana [1, 0, 0, dup]; quality ratings: "a ripe banana.." 9,
+    # "Hello, World" 5 (below 8), "Hello" unparseable: only "a ripe banana is all good" is a demonstration / chosen
+    assert stats["quality"] == {"rated": 2 * 3 + 2 * 1, "passed": 4, "below_min": 2, "unparsed": 2}
     demos = read_records(out / "demonstrations.jsonl", "demonstration")
     prefs = read_records(out / "preferences.jsonl", "preference")
-    assert len(demos) == 2 + 6 + 2 and len(prefs) == 2 + 2
-    assert m["if_feedback"]["summary"]["demonstrations"] == 10 and stats["responses"]["responses"] == 6 * 4
+    assert len(demos) == 2 + 2 and len(prefs) == 2 * 2  # banana: 1 chosen x 2 rejected per prompt
+    summary = m["if_feedback"]["summary"]
+    assert summary["demonstrations"] == 4 and stats["responses"]["responses"] == 4 * 4
+    assert summary["back_translation_unparsed"] == 2 and summary["quality_unparsed"] == 2
+    assert len({(p["prompt"][-1]["content"], p["rejected"][0]["content"]) for p in prefs}) == 4
     for p in prefs:
         assert p["chosen"][0]["content"] == "a ripe banana is all good" and p["meta"]["rejected_pass_rate"] == 0.0
+        assert p["meta"]["constraint"] == BANANA and p["meta"]["quality_score"] == 9
+        assert p["rejected"][0]["content"] in {"Hello, World", "Hello"}
         assert p["prompt"][-1]["content"].endswith(p["meta"]["constraint"])
     for d in demos:
-        assert d["meta"]["pass_rate"] == 1.0
+        assert d["meta"]["pass_rate"] == 1.0 and d["meta"]["quality_score"] == 9
+        assert d["messages"][-1]["content"] == "a ripe banana is all good"
         v = next(v for v in verifiers if v["id"] == d["meta"]["instruction_id"])
         assert d["messages"][0]["content"].endswith("\n\n" + v["instruction"])
     # held-out prompts for `posttrain eval`: one per kept constraint, scored by posttrain.evaluation.evaluate
     from reward.if_verifiers import evaluate_response as if_pass_rate
     ev = read_records(out / "eval_prompts.jsonl", "prompt")
-    assert len(ev) == 3 and {e["meta"]["instruction_id"] for e in ev} == {v["id"] for v in verifiers}
+    assert len(ev) == 2 and {e["meta"]["instruction_id"] for e in ev} == {v["id"] for v in verifiers}
     e = next(e for e in ev if e["meta"]["constraint"] == BANANA)
     assert e["prompt"][-1]["content"] == "Describe a market.\n\n" + BANANA
     assert if_pass_rate(e["meta"]["verifiers"], "a banana stall") == 1.0
@@ -258,41 +283,222 @@ def test_bad_seed_file_names_line(tmp_path, small_seeds):
         load_seeds(bad)
 
 
-class Crashing:
-    """Wraps a sampler; raises on generate call number ``crash_at`` (1-based), counts calls."""
-
-    name = "crashing"
-
-    def __init__(self, inner, crash_at: int | None):
-        self.inner, self.crash_at, self.calls = inner, crash_at, 0
-
-    def generate(self, prompts, params):
-        self.calls += 1
-        if self.crash_at is not None and self.calls == self.crash_at:
-            raise RuntimeError("killed")
-        return self.inner.generate(prompts, params)
-
-    def close(self):
-        pass
+def test_verdict_parsers():
+    assert parse_consistency('```json\n{"consistent": false}\n```') is False
+    assert parse_consistency('They agree. {"consistent": true}') is True
+    assert parse_consistency("hmm") is None and parse_consistency('{"consistent": "yes"}') is None
+    assert parse_quality_score("Good.\nScore: 8") == 8 and parse_quality_score("**Score:** 7/10") == 7
+    assert parse_quality_score("Score: 3\nScore: 9") == 9  # the last line's score counts
+    for bad in ("Looks fine.", "Score: 0", "Score: 11", "", None):
+        assert parse_quality_score(bad) is None
 
 
-def test_kill_and_resume(tmp_path, small_seeds, monkeypatch):
-    ref = Crashing(ScriptedSampler(iff_reply), None)
-    run_recipe(tmp_path, [stage(*small_seeds)], ref, out="clean")
-    assert ref.calls == 5  # augment, verifiers, back-translation, consistency, responses
-    with pytest.raises(RuntimeError, match="killed"):
-        run_recipe(tmp_path, [stage(*small_seeds)], Crashing(ScriptedSampler(iff_reply), 5), out="resumed")
+def second_function_inconsistent(prompt, j):
+    """``iff_reply``, but banana's 2nd kept function (the regex one) back-translates to a contradiction."""
+    text = prompt[-1]["content"]
+    if text.startswith("This Python function") and "re.search('banana'" in text:
+        return "Never mention bananas."
+    if text.startswith("Instruction A:") and "Never mention bananas." in text:
+        return '{"consistent": false}'
+    return iff_reply(prompt, j)
 
-    def no_rerun(*a, **k):
-        raise AssertionError("cross-validation re-ran although it was cached")
-    monkeypatch.setattr(if_feedback, "cross_validate", no_rerun)
-    again = Crashing(ScriptedSampler(iff_reply), None)
-    run_recipe(tmp_path, [stage(*small_seeds)], again, out="resumed")
-    assert again.calls == 1
-    for f in ("demonstrations.jsonl", "preferences.jsonl", "verifiers.jsonl"):
-        got = [json.loads(x)["id"] for x in (tmp_path / "resumed/if_feedback" / f).read_text().splitlines()]
-        want = [json.loads(x)["id"] for x in (tmp_path / "clean/if_feedback" / f).read_text().splitlines()]
-        assert len(got) == len(set(got)) and sorted(got) == sorted(want) and want
+
+@pytest.mark.parametrize("n_functions,banana_kept,checked", [(3, False, 8), (1, True, 4)])
+def test_back_translation_checks_up_to_n_functions(tmp_path, small_seeds, n_functions, banana_kept, checked):
+    st = stage(*small_seeds, back_translate_functions=n_functions, queries_per_instruction=1, responses_per_prompt=1)
+    run_recipe(tmp_path, [st], ScriptedSampler(second_function_inconsistent))
+    out = tmp_path / "out/if_feedback"
+    bt = json.loads((out / "stats.json").read_text())["back_translation"]
+    assert bt["functions_checked"] == checked  # every instruction has 2 kept functions
+    assert bt["dropped_inconsistent"] == (1 if banana_kept else 2)  # no-commas, and banana when its 2nd is checked
+    assert (BANANA in {v["instruction"] for v in load_verifiers(out / "verifiers.jsonl")}) == banana_kept
+
+
+PAIR_RESPONSES = ["banana one", "banana two", "banana three", "banana low", "kiwi a", "kiwi b", "kiwi c", "banana one"]
+
+
+def pairs_reply(prompt, j):
+    """Only banana survives back-translation; 8 responses per prompt: 4 distinct passing ones (one rated 5, one rated
+    exactly 8) and 3 failing ones."""
+    text = prompt[-1]["content"]
+    if text.startswith("Instruction A:"):
+        return json.dumps({"consistent": "banana" in text.split("\n")[0]})
+    if text.startswith("You are an expert at judging"):
+        return {"banana low": "Score: 5", "banana three": "Score: 8"}.get(rated_response(text), "Score: 10")
+    if text.startswith(("Here are", "Instruction:", "This Python")):
+        return iff_reply(prompt, j)
+    return PAIR_RESPONSES[j]
+
+
+def test_quality_filter_and_pairs_per_prompt(tmp_path, small_seeds):
+    st = stage(*small_seeds, responses_per_prompt=len(PAIR_RESPONSES))  # max_pairs_per_prompt: AutoIF's 4 (default)
+    m = run_recipe(tmp_path, [st], ScriptedSampler(pairs_reply))
+    out = tmp_path / "out/if_feedback"
+    assert [v["instruction"] for v in load_verifiers(out / "verifiers.jsonl")] == [BANANA]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["quality"] == {"rated": 2 * 4, "passed": 2 * 3, "below_min": 2, "unparsed": 0}
+    # a response rated >= 8 is a demonstration (8 included), the one rated 5 is not, though it passes every verifier
+    demos = read_records(out / "demonstrations.jsonl", "demonstration")
+    assert sorted(d["messages"][-1]["content"] for d in demos) == sorted(["banana one", "banana two", "banana three"] * 2)
+    # 3 chosen x 3 rejected per prompt: the first 4 distinct pairs, the 2 best chosen x the 2 first rejected
+    prefs = read_records(out / "preferences.jsonl", "preference")
+    assert len(prefs) == 2 * 4 == m["if_feedback"]["summary"]["preferences"]
+    by_prompt: dict[str, set] = {}
+    for p in prefs:
+        by_prompt.setdefault(p["prompt"][-1]["content"], set()).add((p["chosen"][0]["content"], p["rejected"][0]["content"]))
+    assert len(by_prompt) == 2
+    for pairs in by_prompt.values():
+        assert pairs == {(c, r) for c in ("banana one", "banana two") for r in ("kiwi a", "kiwi b")}
+    # fewer pairs asked for: that many; more: every chosen x rejected combination, never the low-rated response
+    for n, want in [(2, 2), (16, 9)]:
+        m = run_recipe(tmp_path, [{**st, "max_pairs_per_prompt": n}], ScriptedSampler(pairs_reply), out=f"out{n}")
+        prefs = read_records(tmp_path / f"out{n}/if_feedback/preferences.jsonl", "preference")
+        assert len(prefs) == len({(p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+                                  for p in prefs}) == 2 * want
+        assert "banana low" not in {p["chosen"][0]["content"] for p in prefs}
+
+
+# ---------------------------------------------------------------- kill and resume
+
+# chunk_size 2: augment (3 prompts) = sampler calls 1-2, verifiers (5 instructions) 3-5, back_translation (4
+# instructions x 2 functions) 6-9, consistency (8) 10-13, responses (4 prompts) 14-15, quality (8 responses) 16-19;
+# the sandbox steps crossval (5) and scores (4) run 3 and 2 chunks (``_each`` calls 1-3 and 4-5).
+CHUNKED = {"chunk_size": 2}
+STEP_ORDER = ["augment", "verifiers", "crossval", "back_translation", "consistency", "responses", "scores", "quality"]
+RECORD_FILES = ["demonstrations.jsonl", "preferences.jsonl", "verifiers.jsonl", "eval_prompts.jsonl", "stats.json"]
+
+
+def _killed_run(tmp: str, stage_json: str, at: str, n: int) -> None:
+    """Child process of ``test_kill_and_resume``: run the stage and SIGKILL itself at the ``n``-th sampler call
+    (``at="generate"``) or the ``n``-th sandbox chunk (``at="_each"``): no cleanup, no flush, as a real kill."""
+    import itertools
+    import signal
+
+    count = itertools.count(1)
+
+    def die_at_n() -> None:
+        if next(count) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class Dying(ScriptedSampler):
+        def generate(self, prompts, params, seeds=None):
+            if at == "generate":
+                die_at_n()
+            return super().generate(prompts, params, seeds)
+
+    real_each = if_feedback._each
+
+    def dying_each(*a, **k):
+        if at == "_each":
+            die_at_n()
+        return real_each(*a, **k)
+
+    if_feedback._each = dying_each
+    run_recipe(Path(tmp), [json.loads(stage_json)], Dying(iff_reply), out="resumed")
+    raise SystemExit("not killed")
+
+
+def _steps(d: Path) -> dict[str, list[dict]]:
+    return {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in (d / "steps").glob("*.jsonl")}
+
+
+@pytest.mark.parametrize("at,n,step,committed,again_calls", [
+    ("generate", 15, "responses", 2, {"generate": 1 + 4, "cross_validate": 0, "pass_rates": 4}),  # responses 2 of 2
+    ("_each", 3, "crossval", 4, {"generate": 4 + 4 + 2 + 4, "cross_validate": 1, "pass_rates": 4}),  # crossval 3 of 3
+    ("_each", 5, "scores", 2, {"generate": 4, "cross_validate": 0, "pass_rates": 2}),  # scores chunk 2 of 2
+    ("generate", 18, "quality", 4, {"generate": 2, "cross_validate": 0, "pass_rates": 0}),  # quality chunk 3 of 4
+])
+def test_kill_and_resume(tmp_path, small_seeds, monkeypatch, at, n, step, committed, again_calls):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"id": "h1", "prompt": "Describe a market."}) + "\n")
+    st = stage(*small_seeds, eval_queries=str(held_out), **CHUNKED)
+    ref = ScriptedSampler(iff_reply)
+    m_clean = run_recipe(tmp_path, [st], ref, out="clean")
+    assert len(ref.calls) == 19
+    out, clean = tmp_path / "resumed/if_feedback", tmp_path / "clean/if_feedback"
+    want_steps = _steps(clean)
+    assert sorted(want_steps) == sorted(STEP_ORDER)
+    # a real SIGKILL in a child process: nothing is closed or flushed on the way out
+    code = f"from tests.test_if_feedback import _killed_run; _killed_run({str(tmp_path)!r}, {json.dumps(st)!r}, {at!r}, {n})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    # the steps before the killed one are committed as the uninterrupted run has them; the killed step holds
+    # exactly its finished chunks; later steps never started; no record file, no stats
+    got = _steps(out)
+    i = STEP_ORDER.index(step)
+    assert sorted(got) == sorted(STEP_ORDER[: i + 1])
+    for name in STEP_ORDER[:i]:
+        assert got[name] == want_steps[name], name
+    assert got[step] == want_steps[step][:committed]
+    for f in RECORD_FILES:
+        assert not (out / f).exists(), f
+    # resume: only what is missing runs again
+    calls = {"cross_validate": 0, "pass_rates": 0}
+
+    def counting(name):
+        real = getattr(if_feedback, name)
+
+        def f(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return f
+    for name in calls:
+        monkeypatch.setattr(if_feedback, name, counting(name))
+    again = ScriptedSampler(iff_reply)
+    m = run_recipe(tmp_path, [st], again, out="resumed")
+    assert {"generate": len(again.calls), **calls} == again_calls
+    assert m["if_feedback"]["summary"] == m_clean["if_feedback"]["summary"]
+    # every step cache holds each item once, the same as the uninterrupted run's: nothing lost, no duplicates
+    got = _steps(out)
+    assert sorted(got) == sorted(want_steps)
+    for name, want in want_steps.items():
+        assert len({r["k"] for r in got[name]}) == len(got[name]) and want, name
+        assert sorted(got[name], key=lambda r: r["k"]) == sorted(want, key=lambda r: r["k"]), name
+    for f in RECORD_FILES[:-1]:
+        rows = [json.loads(x) for x in (out / f).read_text().splitlines()]
+        want = [json.loads(x) for x in (clean / f).read_text().splitlines()]
+        assert len({r["id"] for r in rows}) == len(rows) and want, f
+        assert sorted(rows, key=lambda r: r["id"]) == sorted(want, key=lambda r: r["id"]), f
+    assert json.loads((out / "stats.json").read_text()) == json.loads((clean / "stats.json").read_text())
+
+
+# ---------------------------------------------------------------- too little usable output
+
+def garbage_reply(prompt, j):
+    return "<|endoftext|> the the the"  # a dead template: nothing parses
+
+
+def no_responses_reply(prompt, j):
+    text = prompt[-1]["content"]
+    return iff_reply(prompt, j) if text.startswith(("Here are", "Instruction", "This Python")) else "  "
+
+
+def no_verdicts_reply(prompt, j):
+    return "I cannot tell." if prompt[-1]["content"].startswith("Instruction A:") else iff_reply(prompt, j)
+
+
+def no_ratings_reply(prompt, j):
+    return "Nice answer." if prompt[-1]["content"].startswith("You are an expert at judging") else iff_reply(prompt, j)
+
+
+@pytest.mark.parametrize("reply,what,stopped_before", [
+    (garbage_reply, r"only 0 of 12 verifier replies with a function or test cases", "crossval"),
+    (no_verdicts_reply, r"only 0 of 8 parseable consistency verdicts", "responses"),
+    (no_responses_reply, r"only 0 of 16 non-empty responses", "scores"),
+    (no_ratings_reply, r"only 0 of 8 parseable quality ratings", None),  # the last step
+])
+def test_low_success_rate_writes_nothing(tmp_path, small_seeds, reply, what, stopped_before):
+    from data_synthesis.common import LowSuccessRate
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"id": "h1", "prompt": "Describe a market."}) + "\n")
+    with pytest.raises(LowSuccessRate, match=what + r" .* min_success_rate=0.05; nothing was written"):
+        run_recipe(tmp_path, [stage(*small_seeds, eval_queries=str(held_out))], ScriptedSampler(reply))
+    out = tmp_path / "out/if_feedback"
+    for f in RECORD_FILES:
+        assert not (out / f).exists(), f
+    if stopped_before:
+        assert not (out / "steps" / f"{stopped_before}.jsonl").exists()  # the stage stopped at the failing step
 
 
 # ---------------------------------------------------------------- real tiny model through vLLM
@@ -301,6 +507,9 @@ def test_if_feedback_real_vllm(tmp_path, vllm_sampler, pool):
     q = tmp_path / "queries.jsonl"
     q.write_text((ROOT / "recipes/data/prompts.jsonl").read_text())
     st = {"kind": "if_feedback", "seeds": str(SEEDS), "queries": str(q), "augment_prompts": 1,
+          "min_success_rate": 0,  # the random tiny model writes no usable verifier, verdict or rating
+          # its unparseable consistency verdicts would drop every instruction: the shipped verifiers go on unchecked
+          "back_translate": False,
           "functions_per_instruction": 1, "cross_validation": {"min_candidate_functions": 2, "min_candidate_cases": 4},
           "queries_per_instruction": 1, "responses_per_prompt": 3, "require_stop": False,
           "sampling": {"temperature": 1.0, "max_tokens": 24, "seed": 0},
@@ -318,5 +527,19 @@ def test_if_feedback_real_vllm(tmp_path, vllm_sampler, pool):
     for d in demos[:5]:  # the recorded pass rate is what the saved evaluator gives
         v = by_id[d["meta"]["instruction_id"]]
         assert evaluate_response(v["functions"], d["messages"][-1]["content"], pool) == d["meta"]["pass_rate"] == 1.0
+    # the same on the cached responses and pass rates (the tiny model's ratings rarely parse: few or no demonstrations)
+    steps = {name: {r["k"]: r["v"] for r in rows} for name, rows in _steps(out).items()}
+    checked = [(v, comp["text"], rate) for v in kept for row in map(json.loads, q.read_text().splitlines())
+               if (k := record_id("ifp", v["id"], row["id"])) in steps["scores"]
+               for comp, rate in zip(steps["responses"][k], steps["scores"][k])]
+    assert len(checked) == 3 * len(kept)
+    for v, text, rate in checked[:5]:
+        assert evaluate_response(v["functions"], text, pool) == rate
     for p in read_records(out / "preferences.jsonl", "preference"):
         assert p["meta"]["chosen_pass_rate"] >= 0.5 and p["meta"]["rejected_pass_rate"] == 0.0
+        assert p["meta"]["quality_score"] >= 8
+    # the quality step ran on the real model: every candidate is rated, its unparseable ratings counted
+    q = stats["quality"]
+    assert q["rated"] == q["passed"] + q["below_min"] + q["unparsed"]
+    assert m["if_feedback"]["summary"]["quality_unparsed"] == q["unparsed"]
+    assert len(demos) <= q["passed"]

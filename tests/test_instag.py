@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from data_synthesis import instag
-from data_synthesis.instag import (association_aggregate, normalize_tags, parse_tags, rule_aggregate, rule_key,
-                                   semantic_aggregate, stem_word)
+from data_synthesis import tag_norm
+from data_synthesis.instag import parse_tags
+from data_synthesis.tag_norm import (association_aggregate, auto_min_frequency, normalize_tags, rule_aggregate,
+                                     rule_key, semantic_aggregate, stem_word)
 from posttrain.stages import load_recipe, recipe_from_dict
 from posttrain.core.records import read_records
 from posttrain.core.sampling.scripted import ScriptedSampler
@@ -41,14 +42,21 @@ def test_parse_tags_rejects_unusable(text):
 
 
 def test_stemmer_and_rule_key():
-    assert stem_word("coding") == stem_word("code") == "cod"
-    assert stem_word("writing") == stem_word("write")
+    # Snowball English (Porter2) from the snowballstemmer package
+    assert stem_word("coding") == stem_word("code") == stem_word("codes") == "code"
+    assert stem_word("writing") == stem_word("write") == "write"
     assert stem_word("stories") == stem_word("story")
     assert stem_word("translation") == stem_word("translating") == stem_word("translate")
     assert stem_word("programming") == stem_word("programs") == "program"
-    assert stem_word("class") == "class" and stem_word("analysis") == "analysis"
-    assert rule_key("Python-Coding!") == rule_key("python   code") == "python cod"
+    assert stem_word("generously") == "generous" and stem_word("class") == "class"
+    assert stem_word("mathematics") != stem_word("math")  # different words stay apart: the semantic step's job
+    assert rule_key("Python-Coding!") == rule_key("python   codes") == "python code"
     assert rule_key("Poem_Writing", stem=False) == "poem writing"
+
+
+def test_auto_min_frequency_scales_instags_threshold():
+    assert auto_min_frequency(400_000) == 20 and auto_min_frequency(40) == 1 and auto_min_frequency(20_000) == 1
+    assert auto_min_frequency(20_001) == 2 and auto_min_frequency(1_000_000) == 50
 
 
 # ---------------------------------------------------------------- normalisation on a hand-made list
@@ -127,8 +135,22 @@ def test_normalize_steps_are_optional_and_semantic_needs_embedder():
     assert normalize_tags([[], []], ["semantic"])["tags"] == [[], []]  # nothing to embed: no model needed
 
 
+def test_semantic_aggregation_index_matches_exact_on_clustered_vectors():
+    """Above exact_max the inverted-file index is used; on well-separated clusters it finds every leader."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, 32))
+    vec = {f"t{i}": centers[i % 40] + rng.normal(scale=0.02, size=32) for i in range(2000)}
+    counts = {t: 1 + i % 7 for i, t in enumerate(vec)}
+    emb = lambda ts: np.array([vec[t] for t in ts])  # noqa: E731
+    exact = semantic_aggregate(counts, emb, 0.9)
+    indexed = semantic_aggregate(counts, emb, 0.9, exact_max=0, cell_size=50, probe=4)
+    assert indexed == exact and len(set(exact.values())) == 40
+    # block size does not change the result (leaders of the same block are compared one by one)
+    assert semantic_aggregate(counts, emb, 0.9, block=7) == exact
+
+
 def test_semantic_aggregation_with_bundled_minilm():
-    embed = instag.load_embedder()
+    embed = tag_norm.load_embedder()
     m = semantic_aggregate({"math": 4, "mathematics": 2, "cooking": 3, "python programming": 2}, embed, 0.85)
     assert m["mathematics"] == "math"
     assert m["cooking"] == "cooking" and m["python programming"] == "python programming"
@@ -165,7 +187,7 @@ def scripted_tagger(prompt, j):
 
 def _recipe(tmp_path, **stage):
     _write_inputs(tmp_path / "ins.jsonl")
-    data = {"output_dir": str(tmp_path / "run"),
+    data = {"output_dir": str(tmp_path / "run"), "seed": 0,
             "stages": [{"kind": "instag", "input": str(tmp_path / "ins.jsonl"), "max_retries": 1,
                         "steps": ["rule", "frequency"], **stage}]}
     return recipe_from_dict(data, tmp_path / "r.yaml")
@@ -190,6 +212,10 @@ def test_instag_stage_tags_retries_and_counts_failures(tmp_path):
     assert [s["step"] for s in onto["steps"]] == ["raw", "rule", "frequency"]
 
 
+def _cached(path):
+    return [json.loads(x)["k"] for x in path.read_text().splitlines() if x.strip()]
+
+
 def test_instag_kill_and_resume(tmp_path):
     calls = {"n": 0}
 
@@ -197,31 +223,45 @@ def test_instag_kill_and_resume(tmp_path):
         pass
 
     class Dying(ScriptedSampler):
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, seeds=None):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise Killed("killed mid-run")
-            return super().generate(prompts, params)
+            return super().generate(prompts, params, seeds)
 
-    recipe = _recipe(tmp_path, batch_size=2, max_retries=0)
+    recipe = _recipe(tmp_path, chunk_size=2, max_retries=0)
     with pytest.raises(Killed):
         recipe.run(sampler=Dying(scripted_tagger))
-    raw = tmp_path / "run" / "instag" / "raw_tags.jsonl"
-    assert len(read_records(raw)) == 2
+    cache = tmp_path / "run" / "instag" / "steps" / "tag.jsonl"
+    assert _cached(cache) == ["i0", "i1"]  # the first chunk was committed, the second lost
+    assert not (tmp_path / "run" / "instag" / "records.jsonl").exists()
     assert not (tmp_path / "run" / "instag" / "manifest.json").exists()
-    with open(raw, "a") as f:  # a kill during a write leaves a torn line
-        f.write('{"id": "i2", "prompt": [{"ro')
+    with open(cache, "a") as f:  # a kill during a write leaves a torn line
+        f.write('{"k": "i2", "v": [{"te')
     s = ScriptedSampler(scripted_tagger)
     m = recipe.run(sampler=s)["instag"]["summary"]
     sent = [p[-1]["content"] for call in s.calls for p in call]
     assert len(sent) == 4 and not any("poem about" in t or "Python code" in t for t in sent)
-    ids = [r["id"] for r in read_records(raw)]
-    assert sorted(ids) == [f"i{i}" for i in range(6)]  # nothing lost, nothing twice
-    assert m["instructions"] == 6
+    assert [len(c) for c in s.calls] == [2, 2]  # chunk by chunk
+    assert sorted(_cached(cache)) == [f"i{i}" for i in range(6)]  # nothing lost, nothing twice
+    assert m["instructions"] == 6 and m["tagged"] == 4
     # finished: a re-run skips the stage without sampling
     s2 = ScriptedSampler(scripted_tagger)
     recipe.run(sampler=s2)
     assert s2.calls == []
+
+
+def test_instag_refuses_to_write_when_no_instruction_gets_tags(tmp_path):
+    from data_synthesis.common import LowSuccessRate
+
+    recipe = _recipe(tmp_path, max_retries=1)
+    with pytest.raises(LowSuccessRate, match=r"only 0 of 6 instructions tagged .* min_success_rate=0.05"):
+        recipe.run(sampler=ScriptedSampler(lambda p, j: "no JSON here"))
+    out = tmp_path / "run" / "instag"
+    assert not (out / "records.jsonl").exists() and not (out / "manifest.json").exists()
+    # the floor is configurable: 0 accepts the empty result
+    m = _recipe(tmp_path, max_retries=0, min_success_rate=0.0).run(sampler=ScriptedSampler(lambda p, j: "x"))
+    assert m["instag"]["summary"]["tagged"] == 0
 
 
 def test_instag_config_rejects_unknown_step(tmp_path):
@@ -246,7 +286,7 @@ def test_instag_survives_sigkill(tmp_path):
     _write_inputs(tmp_path / "ins.jsonl")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "stages": [
-        {"kind": "instag", "input": str(tmp_path / "ins.jsonl"), "batch_size": 2, "max_retries": 0,
+        {"kind": "instag", "input": str(tmp_path / "ins.jsonl"), "chunk_size": 2, "max_retries": 0,
          "steps": ["rule"]}]}))
     code = f"""
 import sys, time
@@ -256,24 +296,24 @@ from posttrain.core.sampling.scripted import ScriptedSampler
 from tests.test_instag import scripted_tagger
 
 class Hangs(ScriptedSampler):
-    def generate(self, prompts, params):
-        if self.calls:  # the second batch never returns: the process is killed here
+    def generate(self, prompts, params, seeds=None):
+        if self.calls:  # the second chunk never returns: the process is killed here
             time.sleep(120)
-        return super().generate(prompts, params)
+        return super().generate(prompts, params, seeds)
 
 load_recipe({str(recipe)!r}).run(sampler=Hangs(scripted_tagger))
 """
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    raw = tmp_path / "run" / "instag" / "raw_tags.jsonl"
+    raw = tmp_path / "run" / "instag" / "steps" / "tag.jsonl"
     try:
         deadline = time.time() + 90
         while time.time() < deadline and not (raw.exists() and raw.read_text().count("\n") >= 2):
             time.sleep(0.2)
-        assert raw.exists() and raw.read_text().count("\n") == 2, "the first batch was never written"
+        assert raw.exists() and raw.read_text().count("\n") == 2, "the first chunk was never written"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     s = ScriptedSampler(scripted_tagger)
     m = load_recipe(recipe).run(sampler=s)["instag"]["summary"]
     assert sum(len(c) for c in s.calls) == 4 and m["instructions"] == 6
-    assert sorted(r["id"] for r in read_records(raw)) == [f"i{i}" for i in range(6)]
+    assert sorted(_cached(raw)) == [f"i{i}" for i in range(6)]

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.core.merging import (MergingConfig, check_model, merged_update, optimizer_class, sparsify,
-                               sparsify_all, tau_from_checkpoints, wrap_optimizer)
+from posttrain.core.merging import (
+    MergingConfig,
+    check_model,
+    merged_update,
+    optimizer_class,
+    sparsify,
+    sparsify_all,
+    tau_from_checkpoints,
+    wrap_optimizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,16 +46,16 @@ def test_ondare_keep1_is_exact_interpolation():
 def test_onties_sign_election_hand_made():
     tau = torch.tensor([1.0, -2.0, 0.0, 3.0, -1.0, 2.0])
     delta = torch.tensor([0.5, 1.0, -1.0, -4.0, -1.0, -2.0])
-    # sum: [1.5, -1, -1, -1, -2, 0] -> elected signs [+, -, -, -, -, 0]
+    # sum: [1.5, -1, -1, -1, -2, 0] -> elected signs [+, -, -, -, -, +] (the reference elects + on a tie)
     out = merged_update(delta, tau, method="onties", keep_rate=1.0, alpha=0.25)
-    # tau' = [1, -2, 0, 0, -1, 0]; delta' = [0.5, 0, -1, -4, -1, 0] (a tie cancels both terms)
-    expect = torch.tensor([0.25 + 0.375, -0.5, -0.75, -3.0, -0.25 - 0.75, 0.0])
+    # tau' = [1, -2, 0, 0, -1, 2]; delta' = [0.5, 0, -1, -4, -1, 0] (on the tie the positive term survives)
+    expect = torch.tensor([0.25 + 0.375, -0.5, -0.75, -3.0, -0.25 - 0.75, 0.5])
     torch.testing.assert_close(out, expect, rtol=0, atol=1e-7)
 
 
 def test_onties_keep1_matches_rule_on_random_tensors():
     delta, tau = _rand(500, 2), _rand(500, 3)
-    s = torch.sign(tau + delta)
+    s = torch.where(tau + delta >= 0, 1.0, -1.0)
     expect = 0.1 * tau * (torch.sign(tau) == s) + 0.9 * delta * (torch.sign(delta) == s)
     torch.testing.assert_close(merged_update(delta, tau, method="onties", keep_rate=1.0, alpha=0.1), expect)
 
@@ -104,13 +112,33 @@ def test_onties_keeps_top_fraction_by_magnitude():
     torch.testing.assert_close(out[kept], delta[kept])
 
 
+def test_onties_kept_count_is_the_references_int_p_n():
+    # k = int(p * n); a tensor with k == 0 is kept whole (online_merging/optimizers.py, magnitude_mask_)
+    for n, p, k in [(150, 0.01, 1), (99, 0.01, 99), (50, 0.01, 50), (100, 0.29, 28), (1000, 0.5, 500)]:
+        delta = _rand(n, n) + 0.0
+        out = merged_update(delta, torch.zeros(n), method="onties", keep_rate=p, alpha=0.0)
+        assert int((out != 0).sum()) == k, (n, p)
+        assert int(sparsify(delta, "onties", p).dense().ne(0).sum()) == k, (n, p)
+
+
+def test_ondare_tau_is_clamped_after_rescale_and_onties_tau_is_not():
+    tau = torch.tensor([0.3, -0.3, 0.9, -2.0, 0.05])
+    d1 = sparsify(tau, "ondare", 1.0).dense()
+    torch.testing.assert_close(d1, torch.tensor([0.3, -0.3, 0.9, -1.0, 0.05]))  # clamped even at p = 1
+    d = sparsify(tau, "ondare", 0.5, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(d.values, (tau[d.indices.long()] / 0.5).clamp(-1, 1))
+    assert d.values.abs().max() <= 1.0
+    torch.testing.assert_close(sparsify(tau, "onties", 1.0).dense(), tau)
+
+
 def test_sparsify_dare_and_ties_and_storage():
     tau = _rand(100_000, 6)
     p = 0.01
     d = sparsify(tau, "ondare", p, torch.Generator().manual_seed(1))
     k = d.indices.numel()
     assert abs(k / tau.numel() - p) < 5 * (p * (1 - p) / tau.numel()) ** 0.5
-    torch.testing.assert_close(d.values, tau[d.indices.long()] / p)  # DARE rescales the kept entries
+    # DARE rescales the kept entries by 1/p, then (as the reference) clamps them to [-1, 1]
+    torch.testing.assert_close(d.values, (tau[d.indices.long()] / p).clamp(-1, 1))
     t = sparsify(tau, "onties", p)
     assert t.indices.numel() == 1000
     assert tau[t.indices.long()].abs().min() >= tau.abs().topk(1000).values.min()
@@ -125,7 +153,7 @@ def test_sparsify_dare_and_ties_and_storage():
 
 
 def test_tau_mask_unbiased_over_seeds_and_same_on_every_rank():
-    tau = _rand(50, 7) + 3.0
+    tau = (_rand(50, 7) + 3.0) * 0.02  # tau / p stays inside the clamp, so D(tau) is unbiased
     acc = torch.zeros(50)
     for s in range(2000):
         acc += sparsify_all([("w", tau)], "ondare", 0.2, seed=s)["w"].dense()
@@ -152,10 +180,17 @@ def _taus(model, scale=1e-2):
     return {n: _rand(p.numel(), 100 + i, scale).view_as(p) for i, (n, p) in enumerate(model.named_parameters())}
 
 
+def _groups(model, wd):
+    """HF-style param groups: matrices decay, biases do not."""
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if p.dim() > 1], "weight_decay": wd},
+            {"params": [p for n, p in named if p.dim() <= 1], "weight_decay": 0.0}]
+
+
 def _train_plain(method, keep_rate=1.0, alpha=0.3, steps=3, chunk_numel=1 << 27, merge=True):
     model = _toy()
     x, y = _data()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(_groups(model, 0.1), lr=1e-2)
     if merge:
         opt = wrap_optimizer(opt, model, MergingConfig(method=method, keep_rate=keep_rate, alpha=alpha,
                                                        chunk_numel=chunk_numel), tau=_taus(model))
@@ -168,22 +203,182 @@ def _train_plain(method, keep_rate=1.0, alpha=0.3, steps=3, chunk_numel=1 << 27,
 
 
 @pytest.mark.parametrize("method", ["ondare", "onties"])
-def test_wrapper_one_step_equals_rule(method):
+def test_wrapper_one_step_equals_rule_then_decoupled_decay(method):
+    """theta = (old + merged_update(bare Adam update)) * (1 - lr * wd), wd per param group."""
     model, twin = _toy(), _toy()
     x, y = _data()
     taus = _taus(model)
-    opt = wrap_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
+    opt = wrap_optimizer(torch.optim.AdamW(_groups(model, 0.5), lr=1e-2), model,
                          MergingConfig(method=method, keep_rate=1.0, alpha=0.3), tau=taus)
-    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0)  # the bare Adam update
     assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, optimizer_class())
     torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # trainers build schedulers on it
     old = {n: p.detach().clone() for n, p in model.named_parameters()}
     for m, o in ((model, opt), (twin, ref)):
         torch.nn.functional.mse_loss(m(x), y).backward()
         o.step()
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]  # restored after the step
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
-        expect = old[n] + merged_update(q.detach() - old[n], taus[n], method=method, keep_rate=1.0, alpha=0.3)
+        shrink = 1 - 1e-2 * 0.5 if p.dim() > 1 else 1.0
+        tau = taus[n].clamp(-1, 1) if method == "ondare" else taus[n]
+        expect = (old[n] + merged_update(q.detach() - old[n], tau, method=method, keep_rate=1.0, alpha=0.3)) * shrink
         torch.testing.assert_close(p.detach(), expect, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------- against the reference's equations
+
+def _ref_topk(x, p):
+    """Reference (OTAdamW.magnitude_mask_): keep the int(p*n) largest |x|; keep all when p >= 1 or that is 0."""
+    k = int(p * x.numel())
+    if p >= 1 or k < 1:
+        return x.clone()
+    flat = x.reshape(-1)
+    keep = torch.zeros_like(flat)
+    keep[torch.argsort(flat.abs(), descending=True)[:k]] = 1
+    return (flat * keep).view_as(x)
+
+
+def _pick(got, kept, dropped):
+    """Which of the reference's two outcomes each entry took (a random DARE draw); and the reference value."""
+    mask = (got - kept).abs() <= (got - dropped).abs()
+    return mask, torch.where(mask, kept, dropped)
+
+
+@pytest.mark.parametrize("method", ["ondare", "onties"])
+@pytest.mark.parametrize("p", [1.0, 0.5, 1e-2])
+def test_several_steps_match_the_reference_equations(method, p):
+    """Plain re-implementation of ODAdamW / OTAdamW (QwenLM/online_merging_optimizers, optimizers.py).
+
+    Per step, per parameter: delta = bare Adam update (torch AdamW's form, no decay);
+    OnDARE: theta += alpha * clamp(D(tau), -1, 1) + (1 - alpha) * D(delta), D = drop w.p. 1-p, kept / p;
+    OnTIES: tau', delta' = top int(p*n) by magnitude (all if 0); s = +1 where tau' + delta' >= 0 else -1;
+            theta += alpha * tau' [sign(tau') == s] + (1 - alpha) * delta' [sign(delta') == s];
+    then theta -= lr * wd * theta (decoupled decay of every weight of a decaying group, after the merge).
+    OnDARE's draws are random: each entry must equal one of the reference's two outcomes, the drawn
+    fractions must fit p, and the reference trajectory goes on from its own values.
+    """
+    lr, wd, alpha, b1, b2, eps = 1e-2, 0.5, 0.3, 0.9, 0.999, 1e-3  # large eps: |delta| spread for top-k
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Tanh(), torch.nn.Linear(50, 20)).double()
+    twin = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Tanh(), torch.nn.Linear(50, 20)).double()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 40, generator=g, dtype=torch.float64), torch.randn(16, 20, generator=g, dtype=torch.float64)
+    taus = {}
+    for i, (n, q) in enumerate(model.named_parameters()):
+        t = _rand(q.numel(), 300 + i, 0.02)
+        t[::20] *= 100  # some entries beyond the clamp even at p = 1
+        taus[n] = t.view_as(q).double()
+    opt = wrap_optimizer(torch.optim.AdamW(_groups(model, wd), lr=lr, betas=(b1, b2), eps=eps), model,
+                         MergingConfig(method=method, keep_rate=p, alpha=alpha, seed=1), tau=taus)
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: q.detach().clone() for n, q in model.named_parameters()}
+    m = {n: torch.zeros_like(v) for n, v in theta.items()}
+    v2 = {n: torch.zeros_like(v) for n, v in theta.items()}
+    shrink = {n: (1 - lr * wd) if theta[n].dim() > 1 else 1.0 for n in names}
+    tau_s: dict = {}
+    tau_kept, delta_kept, delta_masks, total = 0, 0, [], sum(v.numel() for v in theta.values())
+    for step in range(1, 5):
+        probe = step == 1  # a zero-gradient step: delta = 0, so theta moves by alpha * tau' only
+        loss = torch.nn.functional.mse_loss(model(x), y) * (0.0 if probe else 1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            twin.load_state_dict({n: theta[n] for n in names})
+        twin.zero_grad()
+        (torch.nn.functional.mse_loss(twin(x), y) * (0.0 if probe else 1.0)).backward()
+        grads = {n: q.grad.detach() for n, q in twin.named_parameters()}
+        step_mask = []
+        for n, q in model.named_parameters():
+            got = q.detach()
+            m[n] = b1 * m[n] + (1 - b1) * grads[n]
+            v2[n] = b2 * v2[n] + (1 - b2) * grads[n] ** 2
+            delta = -lr * (m[n] / (1 - b1 ** step)) / ((v2[n] / (1 - b2 ** step)).sqrt() + eps)
+            if method == "onties":
+                if n not in tau_s:
+                    tau_s[n] = _ref_topk(taus[n], p)
+                d = _ref_topk(delta, p)
+                s = torch.where(tau_s[n] + d >= 0, 1.0, -1.0).double()
+                merged = alpha * tau_s[n] * (torch.sign(tau_s[n]) == s) + (1 - alpha) * d * (torch.sign(d) == s)
+                new = (theta[n] + merged) * shrink[n]
+            elif p >= 1:
+                tau_s[n] = taus[n].clamp(-1, 1)
+                new = (theta[n] + alpha * tau_s[n] + (1 - alpha) * delta) * shrink[n]
+            else:
+                if probe:  # the once-drawn tau mask shows here
+                    full = (taus[n] / p).clamp(-1, 1)
+                    keep, new = _pick(got, (theta[n] + alpha * full) * shrink[n], theta[n] * shrink[n])
+                    tau_s[n] = full * keep
+                    tau_kept += int(keep.sum())
+                else:
+                    base = theta[n] + alpha * tau_s[n]
+                    keep, new = _pick(got, (base + (1 - alpha) * delta / p) * shrink[n], base * shrink[n])
+                    delta_kept += int(keep.sum())
+                    step_mask.append(keep.reshape(-1))
+            torch.testing.assert_close(got, new, rtol=1e-6, atol=1e-7, msg=lambda e, n=n, step=step: f"step {step} {n}: {e}")
+            theta[n] = new
+        if step_mask:
+            delta_masks.append(torch.cat(step_mask))
+    if method == "ondare" and p < 1:
+        for kept, draws in ((tau_kept, total), (delta_kept, 3 * total)):
+            sd = (draws * p * (1 - p)) ** 0.5
+            assert abs(kept - draws * p) < 5 * sd + 2, (kept, draws, p)
+        assert not torch.equal(delta_masks[0], delta_masks[1])  # a fresh mask on delta every step
+
+
+def test_coupled_weight_decay_stays_in_the_gradient_and_unknown_decay_is_refused():
+    from posttrain.core.errors import ConfigError
+
+    # SGD's weight_decay is an L2 term in the gradient: with keep 1 and alpha 0 the wrapper is plain SGD
+    a, b = _toy(), _toy()
+    x, y = _data()
+    oa = wrap_optimizer(torch.optim.SGD(a.parameters(), lr=0.1, weight_decay=0.3), a,
+                        MergingConfig(keep_rate=1.0, alpha=0.0), tau=_taus(a, 0.0))
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, weight_decay=0.3)
+    for mdl, o in ((a, oa), (b, ob)):
+        for _ in range(2):
+            torch.nn.functional.mse_loss(mdl(x), y).backward()
+            o.step()
+            o.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
+
+    class OwnDecay(torch.optim.Optimizer):  # a decay this wrapper cannot classify
+        def __init__(self, params, weight_decay):
+            super().__init__(params, {"lr": 0.1, "weight_decay": weight_decay})
+
+        def step(self, closure=None):
+            return None
+
+    with pytest.raises(ConfigError, match="OwnDecay"):
+        wrap_optimizer(OwnDecay(a.parameters(), 0.1), a, MergingConfig(), tau=_taus(a))
+    wrap_optimizer(OwnDecay(a.parameters(), 0.0), a, MergingConfig(), tau=_taus(a))  # no decay: fine
+
+
+def test_hf_trainer_groups_are_respected(tiny_model_dir, tmp_path):
+    """A real transformers Trainer: patch_trainer wraps its AdamW; no-decay groups (biases, norms) are not decayed."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from posttrain.core.merging import patch_trainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=1e-2, weight_decay=0.1, report_to=[],
+                             use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    patch_trainer(trainer, MergingConfig(keep_rate=1.0, alpha=0.0), reference=str(tiny_model_dir),
+                  base=str(tiny_model_dir))  # tau = 0
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, optimizer_class()) and trainer.optimizer is opt
+    decay = set(trainer.get_decay_parameter_names(model))
+    named = dict(model.named_parameters())
+    assert decay and set(named) - decay  # both kinds exist
+    old = {n: q.detach().clone() for n, q in named.items()}
+    for q in named.values():
+        q.grad = torch.zeros_like(q)  # bare Adam update 0: only the decay moves the weights
+    opt.step()
+    for n, q in named.items():
+        factor = (1 - 1e-2 * 0.1) if n in decay else 1.0
+        torch.testing.assert_close(q.detach(), old[n] * factor, rtol=0, atol=1e-7, msg=lambda e, n=n: f"{n}: {e}")
 
 
 def test_chunked_step_equals_single_chunk_and_merge_changes_training():
@@ -238,7 +433,7 @@ def _zero_worker(out: str) -> None:
     results = {}
     for stage, method, keep in [(s, m, 1.0) for s, m in ZERO_CASES] + [(s, m, 0.3) for s, m in SPARSE_CASES]:
         model = _toy()
-        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        inner = torch.optim.AdamW(_groups(model, 0.1), lr=1e-2)
         opt = wrap_optimizer(inner, model, MergingConfig(method=method, keep_rate=keep, alpha=0.3), tau=_taus(model))
         cfg = {"train_batch_size": x.shape[0], "train_micro_batch_size_per_gpu": per,
                "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
@@ -250,7 +445,8 @@ def _zero_worker(out: str) -> None:
             engine.step()
         results[f"{stage}-{method}" + ("" if keep == 1.0 else "-sparse")] = {n: safe_get_full_fp32_param(p).detach().clone()
                                         for n, p in engine.module.named_parameters()}
-        assert opt.steps == 3
+        # the wrapper stepped every time: ZeRO calls it once per param group (sub-group) per engine step
+        assert opt.steps >= 3 and opt.steps % 3 == 0, opt.steps
     if rank == 0:
         torch.save(results, out)
 
@@ -268,7 +464,7 @@ def test_zero_matches_single_process(tmp_path):
                OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(Path(__file__)), str(out)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     got = torch.load(out)
     plain = _train_plain("ondare", merge=False)
@@ -276,7 +472,7 @@ def test_zero_matches_single_process(tmp_path):
         ref = _train_plain(method)
         for n, v in ref.items():
             torch.testing.assert_close(got[f"{stage}-{method}"][n], v, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=n: f"ZeRO-{stage} {method} {n}: {m}")
+                                       msg=lambda m, n=n, stage=stage, method=method: f"ZeRO-{stage} {method} {n}: {m}")
         # and the merge really happened under ZeRO (not just plain AdamW)
         assert max((got[f"{stage}-{method}"][n] - plain[n]).abs().max().item() for n in ref) > 1e-3
     for stage, method in SPARSE_CASES:  # runs, stays finite, and the sparse tau moved the weights

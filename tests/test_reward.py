@@ -160,6 +160,27 @@ def test_scorer_reads_the_last_real_token(tiny_model_dir):
         s.score([conv[:1], conv[:1]], ["a"])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_scorer_pools_where_the_model_pools_when_the_text_ends_in_the_pad_id(tiny_model_dir, side):
+    """pad == eos and a template that ends a reply with eos: HF pools before the trailing pad-id tokens, and
+    so must the scorer (alone and in a padded batch), or scores at inference differ from training."""
+    import torch
+
+    from reward.scorer import RewardScorer
+
+    s = RewardScorer(str(tiny_model_dir / "reward"), device="cpu")
+    s.tokenizer.padding_side = side
+    conv = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4"}]
+    ids = s.encode(conv)
+    s.model.config.pad_token_id = ids[-1]  # the conversation's last token is now the model's pad id
+    own = s.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    before_last = s.model(input_ids=torch.tensor([ids[:-1]])).logits[0, 0].item()
+    assert own == pytest.approx(before_last, abs=1e-5)  # the model's own rule, which training used
+    longer = s.encode([conv[0], {"role": "assistant", "content": "2 + 2 = 4, because 2 and 2 make 4"}])
+    alone, batched = s.score_ids([ids])[0], s.score_ids([ids, longer])[0]
+    assert alone == pytest.approx(own, abs=1e-5) and batched == pytest.approx(own, abs=1e-4)
+
+
 def test_scorer_rejects_a_causal_lm(tiny_model_dir):
     from reward.scorer import RewardScorer
 
@@ -236,9 +257,11 @@ def test_bad_input_through_the_stage(tiny_model_dir, tmp_path):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(BadInput) as e:
+    from posttrain.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:  # the recipe check reads the input before any stage runs
         run_recipe(reward_recipe(tmp_path / "a", tiny_model_dir / "reward", empty), tmp_path / "a")
-    assert str(e.value) == f"{empty}: no preference records"
+    assert str(e.value).endswith(f"stages[0].input: {empty}: no records (the input is empty or only blank lines)")
 
     broken = tmp_path / "broken.jsonl"
     rows = [json.dumps(r) for r in arith_module().arith_preferences(3)]
@@ -246,14 +269,14 @@ def test_bad_input_through_the_stage(tiny_model_dir, tmp_path):
     del bad["rejected"]
     rows[1] = json.dumps(bad)
     broken.write_text("\n".join(rows) + "\n")
-    with pytest.raises(RecordError) as e:
+    with pytest.raises(ConfigError) as e:
         run_recipe(reward_recipe(tmp_path / "b", tiny_model_dir / "reward", broken), tmp_path / "b")
-    assert str(e.value).startswith(f"{broken}:2: 'rejected'") and "\n" not in str(e.value)
+    assert f"stages[0].input: {broken}:2: 'rejected'" in str(e.value) and "\n" not in str(e.value)
 
     same = tmp_path / "same.jsonl"
     p = [{"role": "user", "content": "q"}]
     write_records(same, [preference(p, "x", "x", source="t"), preference(p, "y", "y", source="t")])
-    with pytest.raises(BadInput, match="none of 2 preference rows is usable.*skipped_identical.: 2"):
+    with pytest.raises(ConfigError, match=r"same\.jsonl: 2 of 2 rows are unusable \(chosen_equals_rejected: 2"):
         run_recipe(reward_recipe(tmp_path / "c", tiny_model_dir / "reward", same), tmp_path / "c")
     # nothing was trained or marked complete
     assert not (tmp_path / "c" / "run" / "reward" / "manifest.json").exists()

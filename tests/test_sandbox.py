@@ -1,4 +1,4 @@
-"""Security and behaviour tests of data_synthesis/sandbox.py.
+"""Security and behaviour tests of reward/sandbox.py (and its launcher, judge and cgroups).
 
 Each attack must be contained AND reported with the right status; at the end
 the machine must be as before: no sandbox process alive, no temp folder or
@@ -38,7 +38,8 @@ def _proc_cmdlines() -> dict[int, str]:
     out = {}
     for d in glob.glob("/proc/[0-9]*"):
         try:
-            out[int(d[6:])] = open(d + "/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            with open(d + "/cmdline", "rb") as f:
+                out[int(d[6:])] = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             pass
     return out
@@ -56,6 +57,17 @@ def _sandbox_uid_procs() -> list[int]:
     return found
 
 
+def _eventually(probe, timeout: float = 60.0):
+    """Poll ``probe()`` until it returns something falsy (killed processes take a while to be reaped on a
+    loaded machine); return its last value, so ``assert not _eventually(...)`` shows what was left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = probe()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def _leftovers() -> dict:
     procs = [c for c in _proc_cmdlines().values() if "sandbox_launcher.py --launch" in c]
     tmps = glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "posttrain-sbx-*"))
@@ -69,11 +81,14 @@ def machine_is_clean_afterwards():
     """The whole module must leave no processes, temp folders or cgroups behind."""
     before = _leftovers()
     yield
-    time.sleep(0.3)
-    after = _leftovers()
-    for k in after:
-        new = [x for x in after[k] if x not in before[k]]
-        assert not new, f"sandbox left {k}: {new}"
+
+    def new_leftovers() -> dict:
+        after = _leftovers()
+        return {k: [x for x in after[k] if x not in before[k]] for k in after if
+                [x for x in after[k] if x not in before[k]]}
+
+    left = _eventually(new_leftovers)
+    assert not left, f"sandbox left {left}"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +132,67 @@ def test_call_function_values_errors_and_spoofing():
     assert res.status == "error" and vals == [{"error": "error"}]
 
 
+SOLUTION = """
+import math
+MOD = 10 ** 9 + 7
+PAIR = (1, 2)
+class Solution:
+    def __init__(self, k=1):
+        self.k = k
+    def twice(self, xs):
+        return [x * 2 * self.k for x in xs]
+def primes(n):
+    for p in range(2, n):
+        if all(p % d for d in range(2, p)):
+            yield p
+def counts(s):
+    from collections import Counter
+    return Counter(s)
+def check(x):
+    if x < 0:
+        raise ValueError('negative')
+    print('checked', x)
+    return math.isqrt(x), {x}, (x,), b'ok'
+def slow(x):
+    import time
+    time.sleep(60)
+def stubborn(x):
+    while True:
+        try:
+            while True:
+                pass
+        except BaseException:
+            pass
+"""
+
+
+def test_run_tests_semantics():
+    tests = [
+        "assert Solution().twice([1, 2]) == [2, 4]", "assert Solution(k=3).twice([1]) == [6]",
+        "assert list(primes(10)) == [2, 3, 5, 7]", "assert counts('aab') == {'a': 2, 'b': 1}",
+        "assert check(16) == (4, {16}, (16,), b'ok')", "assert MOD == 1000000007 and PAIR == (1, 2)",
+        "assert math.gcd(4, 6) == 2",
+        "try:\n    check(-1)\nexcept ValueError as e:\n    assert str(e) == 'negative'\nelse:\n    assert False",
+        "assert check(9) == (4, {9}, (9,), b'ok')", "assert Solution() == Solution()",
+        "assert slow(1) == 1", "assert PAIR == (1, 2)", "assert stubborn(1) == 1", "assert check(4)[0] == 2",
+    ]
+    res, vals = call_function(SOLUTION, sb.RUN_TESTS, tests, 0.5, limits=L(timeout_s=30, max_procs=16))
+    assert res.status == "ok", res
+    assert vals[:8] == [True] * 8, vals
+    assert vals[8] == {"error": "AssertionError: "}
+    assert "not plain data" in vals[9]["error"]  # objects of the solution refuse comparison
+    assert vals[10] == vals[12] == {"error": "TimeoutError: test took longer than 0.5 s"}
+    assert vals[11] is True and vals[13] is True  # the interrupted and the restarted solution both go on
+    assert "checked 16" in res.stdout  # what the solution prints comes back as output
+    # a solution that cannot load: every test fails the same way (load_failed)
+    from reward.code_tests import load_failed
+
+    res, vals = call_function("def f(:\n", sb.RUN_TESTS, ["assert f(1)", "assert f(2)"], 1.0, limits=FAST)
+    assert res.status == "ok" and load_failed(vals) and "SyntaxError" in vals[0]["error"]
+    with pytest.raises(ValueError, match="max_procs >= 3"):
+        call_function("x = 1", "f", [1], limits=L(max_procs=2))
+
+
 def test_pool_matches_serial_and_keeps_order():
     codes = ["import time\ntime.sleep(60)"] + [f"print({i} * {i})" for i in range(8)]
     with SandboxPool(workers=2, limits=L(timeout_s=4.0)) as pool:
@@ -132,7 +208,7 @@ def test_cli_prints_one_json_object(tmp_path):
     f.write_text("print('from cli')\n")
     p = subprocess.run([sys.executable, "-m", "posttrain.cli", "sandbox", "run", str(f), "--timeout", "5",
                         "--memory-mb", "256"] + ([] if ISOLATED else ["--allow-network"]),
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     obj = json.loads(p.stdout)
     assert obj["status"] == "ok" and obj["stdout"] == "from cli\n" and obj["exit_code"] == 0
     assert set(obj) >= {"status", "exit_code", "stdout", "stderr", "seconds"}
@@ -236,19 +312,18 @@ while True:
 """
     t = time.monotonic()
     r = run_code(code, limits=L(timeout_s=4.0, max_procs=16))
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < 120  # bounded (the wall limit is 4 s; a loaded machine is slower)
     assert r.status == "ok" and "fork refused after" in r.stdout
     assert int(r.stdout.split()[-1]) <= 16  # the process-count limit held
     # the children left behind were killed with the namespace
-    assert not _sandbox_uid_procs()
+    assert not _eventually(_sandbox_uid_procs)
 
 
 def test_fork_bomb_that_ignores_errors_times_out(isolated):
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     r = run_code(code, limits=L(timeout_s=2.0, max_procs=16))
     assert r.status == "timeout"
-    time.sleep(0.2)
-    assert not _sandbox_uid_procs()
+    assert not _eventually(_sandbox_uid_procs)
 
 
 def test_memory_bomb():
@@ -261,12 +336,12 @@ def test_memory_bomb():
 def test_infinite_loop_and_sleep_time_out():
     t = time.monotonic()
     r = run_code("while True:\n    pass", limits=L(timeout_s=1.5))
-    assert r.status == "timeout" and time.monotonic() - t < 5
+    assert r.status == "timeout" and time.monotonic() - t < 120  # not forever (bounds generous: loaded CI)
     r = run_code("import time\ntime.sleep(100)", limits=L(timeout_s=1.0))
-    assert r.status == "timeout" and 0.9 < r.seconds < 3
+    assert r.status == "timeout" and 0.9 < r.seconds < 60  # killed at the 1 s limit, not after the 100 s sleep
     # CPU limit below the wall clock: killed by SIGXCPU, still reported as timeout
-    r = run_code("while True:\n    pass", limits=L(timeout_s=10, cpu_s=1))
-    assert r.status == "timeout" and r.seconds < 5
+    r = run_code("while True:\n    pass", limits=L(timeout_s=60, cpu_s=1))
+    assert r.status == "timeout" and r.seconds < 55  # SIGXCPU after 1 CPU-second, long before the wall limit
 
 
 def test_double_fork_survivor_is_killed(isolated):
@@ -282,8 +357,7 @@ print('parent done')
 """
     r = run_code(code, limits=FAST)
     assert r.status == "ok" and "parent done" in r.stdout
-    time.sleep(0.3)
-    assert not [c for c in _proc_cmdlines().values() if marker in c]
+    assert not _eventually(lambda: [c for c in _proc_cmdlines().values() if marker in c])
 
 
 def test_killing_the_parent_fails(isolated):
@@ -348,6 +422,9 @@ def test_refuses_without_netns(monkeypatch):
     assert r.status == "ok" and r.stdout == "2\n"
     r = run_code("import time\ntime.sleep(30)", limits=SandboxLimits(timeout_s=1, allow_network=True))
     assert r.status == "timeout"
+    _, vals = call_function("def f(x):\n    return x + 1", "f", [1],
+                            limits=SandboxLimits(timeout_s=5, allow_network=True))
+    assert vals == [2]
 
 
 def test_thread_safety_many_concurrent():
@@ -362,3 +439,220 @@ def test_thread_safety_many_concurrent():
     for t in ts:
         t.join()
     assert sorted(results) == [str(i) for i in range(6)]
+
+
+# ---------------------------------------------------------------- keyrings, whole-run memory, /proc
+
+_KEYRING_CALLER = r'''
+import ctypes, json, os, sys
+sys.path.insert(0, os.getcwd())
+from reward.sandbox import SandboxLimits, run_code
+libc = ctypes.CDLL(None, use_errno=True)
+ADD, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+L = ctypes.c_long
+def keyctl(*a):
+    return libc.syscall(L(KEYCTL), *[L(x) if isinstance(x, int) else x for x in a])
+assert keyctl(1, None) > 0  # this caller's own fresh session keyring (the test's keys vanish with it)
+ring = keyctl(0, -3, 0)
+canary = libc.syscall(L(ADD), b"user", b"posttrain-canary", b"s3cr3t", ctypes.c_size_t(6), L(-3))
+assert canary > 0, ctypes.get_errno()
+program = PROGRAM.replace("@CANARY@", str(canary)).replace("@RING@", str(ring))
+r = run_code(program, limits=SandboxLimits(timeout_s=20))
+buf = ctypes.create_string_buffer(64)
+n = keyctl(11, canary, buf, 64)
+ids = ctypes.create_string_buffer(64)
+m = keyctl(11, ring, ids, 64)
+print(json.dumps({"status": r.status, "stderr": r.stderr[-500:], "inside": r.stdout, "canary": canary, "ring": ring,
+                  "payload": buf.raw[:n].decode(), "ring_keys": m // 4}))
+'''
+
+_KEYRING_PROGRAM = r'''
+import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+ADD, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+L = ctypes.c_long
+def keyctl(*a):
+    return libc.syscall(L(KEYCTL), *[L(x) if isinstance(x, int) else x for x in a])
+def add_key(desc, payload, ring):
+    return libc.syscall(L(ADD), b"user", desc, payload, ctypes.c_size_t(len(payload)), L(ring))
+CANARY, RING = @CANARY@, @RING@
+buf = ctypes.create_string_buffer(256)
+out = {
+    "read": keyctl(11, CANARY, buf, 256), "describe": keyctl(6, CANARY, buf, 256),
+    "search": keyctl(10, -3, b"user", b"posttrain-canary", 0), "update": keyctl(2, CANARY, b"forged", 6),
+    "add_to_caller": add_key(b"planted", b"x", RING), "link": keyctl(8, CANARY, -3),
+    "revoke": keyctl(3, CANARY), "own_session": keyctl(0, -3, 0),
+    "add_own": add_key(b"posttrain-canary", b"mine", -3),
+}
+out["proc_keys"] = open("/proc/keys").read()
+print(json.dumps(out))
+'''
+
+
+def test_fresh_session_keyring(isolated):
+    if not os.path.exists("/proc/keys") or os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("no kernel keyrings here (or syscall numbers unknown)")
+    code = _KEYRING_CALLER.replace("PROGRAM", repr(_KEYRING_PROGRAM))
+    p = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["status"] == "ok", res["stderr"]
+    inside = json.loads(res["inside"])
+    # nothing of the caller's keyring can be read, changed, linked or written from inside
+    for k in ("read", "update", "add_to_caller", "link", "revoke"):
+        assert inside[k] == -1, (k, inside)
+    assert inside["own_session"] not in (-1, res["ring"]) and inside["add_own"] > 0  # its own, usable keyring
+    if isolated["mode"] == "namespaces":  # another uid: not even the description or the search finds it
+        assert inside["describe"] == -1 and inside["search"] == -1
+        assert f"{res['canary']:08x}" not in inside["proc_keys"] and f"{res['ring']:08x}" not in inside["proc_keys"]
+    # the caller's key and keyring are as they were
+    assert res["payload"] == "s3cr3t" and res["ring_keys"] == 1
+
+
+def _rss_of_run(marker: str) -> int:
+    """Bytes of resident memory of every process whose root holds ``marker`` in its work dir."""
+    total = 0
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            if not os.path.exists(f"{d}/root/sandbox/{marker}"):
+                continue
+            with open(f"{d}/status") as f:
+                total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except OSError:
+            continue
+    return total
+
+
+def test_memory_is_capped_for_the_whole_run(isolated):
+    """12 forked children each trying to hold 420 MB: the run together stays under its cap."""
+    lim = L(timeout_s=60, memory_mb=512, max_procs=32)
+    plan = sb.memory_plan(lim)
+    code = """
+import os, sys, time
+pids, full = [], 0
+for i in range(12):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        held = []
+        try:
+            while len(held) < 21:
+                held.append(bytearray(20 * 1024 * 1024))  # zero-filled: resident at once
+        finally:
+            time.sleep(1.5)  # hold it while the others allocate
+        os._exit(0)
+    pids.append(pid)
+for p in pids:
+    _, st = os.waitpid(p, 0)
+    full += os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+print('children', len(pids), 'full', full, flush=True)
+sys.exit(0 if full == 12 else 1)
+"""
+    marker = f"mem-{uuid.uuid4().hex}"
+    peak = [0]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_of_run(marker))
+            time.sleep(0.02)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        r = run_code(code, files={marker: ""}, limits=lim)
+    finally:
+        done.set()
+        w.join()
+    assert r.status in ("memory", "killed"), r
+    assert peak[0] > 20 * 1024 * 1024  # the watcher saw the run
+    assert peak[0] <= plan["run_mb"] * 1024 * 1024, (peak[0] / 2**20, plan)
+    full = int(r.stdout.split()[-1]) if r.stdout.startswith("children") else 0
+    assert full * 420 <= plan["run_mb"]
+
+
+def test_memory_plan_bounds_processes_times_address_space():
+    for mem, procs in [(512, 32), (256, 16), (1024, 32), (2048, 4), (128, 2)]:
+        lim = SandboxLimits(memory_mb=mem, max_procs=procs)
+        p = sb.memory_plan(lim, memory_cgroup=False)
+        assert p["mode"] == "rlimit-split" and p["tasks"] <= procs
+        assert p["tasks"] * p["per_process_mb"] <= mem and p["per_process_mb"] >= min(64, mem // procs)
+        c = sb.memory_plan(lim, memory_cgroup=True)
+        assert c["mode"].startswith("cgroup-v") and c["per_process_mb"] == mem and c["tasks"] == procs
+    info = sb.isolation_info()
+    assert info["memory_mode"] == ("rlimit-split" if not info["memory_cgroup"] else
+                                   f"cgroup-v{info['cgroup_versions']['memory']}")
+
+
+def test_host_paths_are_hidden(isolated):
+    code = r"""
+import os, socket
+seen = {'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), 'hostname': socket.gethostname()}
+for d in ['self'] + [p for p in os.listdir('/proc') if p.isdigit()]:
+    for f in ('cmdline', 'environ', 'maps', 'mountinfo', 'cgroup', 'status', 'cwd', 'root', 'exe'):
+        path = '/proc/%s/%s' % (d, f)
+        try:
+            if f in ('cwd', 'root', 'exe'):
+                seen[path] = os.readlink(path)
+            else:
+                seen[path] = open(path, 'rb').read().decode(errors='replace')
+        except OSError as e:
+            seen[path] = type(e).__name__
+for f in ('/proc/mounts', '/proc/1/cmdline', '/proc/1/environ', '/proc/sys/kernel/hostname'):
+    try:
+        seen[f] = open(f, 'rb').read().decode(errors='replace')
+    except OSError as e:
+        seen[f] = type(e).__name__
+print(repr(seen))
+"""
+    r = run_code(code, limits=FAST)
+    assert r.status == "ok", r.stderr
+    out = r.stdout
+    with open("/proc/self/cgroup") as f:
+        host_cg = {line.split(":", 2)[2] for line in f.read().splitlines()} - {"/"}
+    for secret in [sb._LAUNCHER, os.path.dirname(sb._LAUNCHER), "posttrain-sbx-", "/work", ".venv",
+                   os.getcwd()] + sorted(host_cg):
+        assert secret not in out, secret
+    assert "'/proc/1/cmdline': 'FileNotFoundError'" in out  # PID 1 (the launcher) is invisible
+    assert "'hostname': 'sandbox'" in out and 1 not in eval(out)["pids"]
+
+
+def test_cgroup_files_written_per_version(tmp_path):
+    """The per-run group protocol on fake cgroup trees (the real kernel runs it where a hierarchy is ours)."""
+    from reward import sandbox_cgroup as cg
+
+    v1m, v1p, v2 = tmp_path / "memory", tmp_path / "pids", tmp_path / "unified"
+    for d in (v1m, v1p, v2):
+        d.mkdir()
+    made = cg.make({"pids": {"version": 1, "base": str(v1p)}, "memory": {"version": 1, "base": str(v1m)}},
+                   "posttrain-sbx-1-run", 10, 300 << 20)
+    assert sorted(made) == [str(v1m / "posttrain-sbx-1-run"), str(v1p / "posttrain-sbx-1-run")]
+    assert (v1p / "posttrain-sbx-1-run/pids.max").read_text() == "10"
+    assert (v1m / "posttrain-sbx-1-run/memory.limit_in_bytes").read_text() == str(300 << 20)
+    assert cg.has_memory(made) and not cg.oom_killed(made)
+    (v1m / "posttrain-sbx-1-run/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert cg.oom_killed(made)
+    det2 = {"pids": {"version": 2, "base": str(v2)}, "memory": {"version": 2, "base": str(v2)}}
+    (made2,) = cg.make(det2, "posttrain-sbx-1-v2", 12, 200 << 20)  # one group holds both controllers
+    assert (v2 / "posttrain-sbx-1-v2/memory.max").read_text() == str(200 << 20)
+    assert (v2 / "posttrain-sbx-1-v2/pids.max").read_text() == "12"
+    (v2 / "posttrain-sbx-1-v2/memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert cg.oom_killed([made2])
+    (pids,) = cg.make(det2, "posttrain-sbx-1-nomem", 12, None)
+    assert not (tmp_path / "unified/posttrain-sbx-1-nomem/memory.max").exists() and not cg.has_memory([pids])
+    # detection: we are at the root of the v2 hierarchy and it offers memory and pids
+    (v2 / "cgroup.controllers").write_text("cpu memory pids\n")
+    (v2 / "cgroup.subtree_control").write_text("cpu memory pids\n")  # already enabled (a fake file cannot enable)
+    mi = tmp_path / "mountinfo"
+    mi.write_text(f"30 1 0:26 / {v2} rw,nosuid - cgroup2 cgroup2 rw\n")
+    me = tmp_path / "cgroup"
+    me.write_text("4:memory:/job/1\n8:pids:/job/1\n0::/\n")  # v1 groups of a job manager: not ours
+    det = cg.detect(str(tmp_path), str(me), str(mi))
+    assert det["memory"] == {"version": 2, "base": str(v2)} == det["pids"]
+    me.write_text("4:memory:/\n8:pids:/\n0::/\n")  # at the root of v1: v1 is used
+    assert cg.detect(str(tmp_path), str(me), str(mi))["memory"] == {"version": 1, "base": str(v1m)}
+    me.write_text("0::/user.slice/x\n")  # not at the root of anything: no per-run groups
+    assert cg.detect(str(tmp_path), str(me), str(mi)) == {"pids": None, "memory": None}

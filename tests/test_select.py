@@ -113,8 +113,10 @@ def test_select_llm_scoring_with_fallback(tmp_path):
     rep = _run(tmp_path, sampler=s, budget=2, scoring="llm")
     assert len(s.calls) == 1 and len(s.calls[0]) == 7  # all instructions judged in one call
     assert rep["judge_failed"] == 1
-    scores = read_records(tmp_path / "run" / "select" / "scores.jsonl")
-    assert sum(not r["meta"]["judged"] for r in scores) == 1
+    # the judgements are cached per instruction in the judge step: one of the 7 is unparseable
+    cached = [json.loads(x) for x in (tmp_path / "run" / "select" / "steps" / "judge.jsonl").read_text().splitlines()]
+    assert sorted(r["k"] for r in cached) == [f"t{i}" for i in range(7)]
+    assert [r["k"] for r in cached if parse_judgement(r["v"][0]["text"]) is None] == ["t1"]
     recs = read_records(tmp_path / "run" / "select" / "records.jsonl")
     assert all(r["meta"]["select"]["richness"] == 0.75 for r in recs)  # (4 - 1) / 4
 

@@ -267,14 +267,15 @@ def test_lora_merge_and_save(tiny_model_dir, tmp_path):
 
 
 def test_bad_input_errors_before_training(tiny_model_dir, tmp_path):
-    from posttrain.core.errors import BadInput
+    from posttrain.core.errors import BadInput, ConfigError
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(BadInput, match="empty.jsonl: no demonstration records"):
+    # the recipe check reads the input before any stage runs
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.input: .*empty\.jsonl: no records"):
         run_recipe(sft_recipe(tmp_path, tiny_model_dir, empty), tmp_path)
     noasst = tmp_path / "noasst.jsonl"
     write_records(noasst, [demonstration([{"role": "user", "content": f"q{i}"}], source="t") for i in range(3)])
-    with pytest.raises(BadInput, match="none of 3 rows is trainable"):
+    with pytest.raises(ConfigError, match=r"noasst\.jsonl: 3 of 3 rows are unusable \(no_assistant_turn: 3"):
         run_recipe(sft_recipe(tmp_path, tiny_model_dir, noasst), tmp_path)
     assert not (tmp_path / "run" / "sft" / "manifest.json").exists()

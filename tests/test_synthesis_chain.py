@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_synthesis.annotate_app import load_tasks
+from data_synthesis.annotate.store import load_tasks
 from posttrain.stages import load_recipe, recipe_from_dict
 from posttrain.core.records import read_records
 
@@ -19,7 +19,8 @@ def test_annotation_chain_on_tiny_model_with_vllm(vllm_sampler, tmp_path):
     data = {
         "output_dir": str(tmp_path / "run"), "seed": 0,
         "stages": [
-            {"kind": "instag", "input": str(DATA), "limit": 8, "max_retries": 1,
+            # the random tiny model rarely writes a parseable tag list: min_success_rate 0 lets the chain run
+            {"kind": "instag", "input": str(DATA), "limit": 8, "max_retries": 1, "min_success_rate": 0,
              "sampling": {"temperature": 0.0, "max_tokens": 48}},
             {"kind": "select", "input": "@instag/records.jsonl", "budget": 4},
             {"kind": "evolve", "input": "@select/records.jsonl", "rounds": 2, "max_chars": 2000,
@@ -33,7 +34,7 @@ def test_annotation_chain_on_tiny_model_with_vllm(vllm_sampler, tmp_path):
 
     tag = res["instag"]["summary"]
     assert tag["instructions"] == 8 and tag["tagged"] + tag["failed"] == 8
-    raw = read_records(out / "instag" / "raw_tags.jsonl")
+    raw = read_records(out / "instag" / "records.jsonl")  # meta.instag: the raw tags, attempts, failure flag
     assert len(raw) == 8 and all(r["source"] == "instag:vllm" for r in raw)
     # every failure was re-asked once (max_retries=1), every success used 1 or 2 attempts
     assert all(r["meta"]["instag"]["attempts"] == (2 if r["meta"]["instag"]["failed"] else r["meta"]["instag"]["attempts"])

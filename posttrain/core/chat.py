@@ -1,10 +1,16 @@
 """Chat templates for training: where the assistant tokens are, so only they are trained.
 
-Input: a tokenizer (its chat template, or a template file named by the recipe) and
-conversations. Output: the template to tokenize with (one with ``{% generation %}``
-markers, so ``return_assistant_tokens_mask`` can find the assistant spans;
-``training_template``) and per-conversation ``(input_ids, labels)`` with labels -100 outside
-the assistant spans (``tokenize_conversation``).
+Input: a tokenizer (its chat template, or the recipe's ``tokenizer.chat_template``) and
+conversations. Output: the template to tokenize with (``training_template``) and per-conversation
+``(input_ids, labels)`` with labels -100 outside the assistant replies (``tokenize_conversation``).
+
+A template with ``{% generation %}`` markers is used as is. A template without them is matched
+against the training variants this project ships (``posttrain/core/templates/*_training.jinja``:
+Qwen2-Instruct, Qwen2.5-Instruct with tools): a variant is used when it renders every probe
+conversation exactly as the tokenizer's own template does, so the text the model is trained on is
+the text it sees at inference, and only the markers differ. The trained span of an assistant turn is
+its reply and the ``<|im_end|>`` after it: not the ``<|im_start|>assistant\\n`` header, the system or
+user turns, or the newline after ``<|im_end|>``. Any other template is refused with the two ways out.
 """
 
 from __future__ import annotations
@@ -13,38 +19,112 @@ from typing import Any
 
 from posttrain.core.errors import BadInput
 
+TRAINING_VARIANTS = ("qwen2_instruct_training", "qwen2_5_instruct_training")
+
+# Conversations that exercise every branch a chat template has: default and explicit system turn,
+# several turns, tool calls with and without text, tool responses, a generation prompt.
+_TOOL = {"type": "function", "function": {"name": "add", "description": "add two numbers",
+                                          "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}
+PROBES: list[dict] = [
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                  {"role": "assistant", "content": "6\n\nDone."}]},
+    {"messages": [{"role": "user", "content": "Q"}], "add_generation_prompt": True},
+    {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "add 1 and 2"},
+                  {"role": "assistant", "content": "",
+                   "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]},
+                  {"role": "tool", "content": "3"}, {"role": "tool", "content": "ok"},
+                  {"role": "assistant", "content": "It is 3."}], "tools": [_TOOL]},
+    {"messages": [{"role": "user", "content": "x"},
+                  {"role": "assistant", "content": "Let me call it.",
+                   "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}},
+                                  {"type": "function", "function": {"name": "add", "arguments": {"a": 5}}}]}]},
+]
+
+
+def has_generation_markers(template: str) -> bool:
+    """True when the template marks assistant spans with ``{% generation %}``."""
+    import re
+
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def _render(tokenizer: Any, template: str, probe: dict) -> str | None:
+    try:
+        return tokenizer.apply_chat_template(probe["messages"], tools=probe.get("tools"), tokenize=False,
+                                             chat_template=template,
+                                             add_generation_prompt=probe.get("add_generation_prompt", False))
+    except Exception:  # noqa: BLE001 - a template may reject a probe (e.g. no tool support): not a match then
+        return None
+
+
+def matching_variant(tokenizer: Any, template: str) -> str | None:
+    """Name of the shipped training variant that renders like ``template`` on every probe, or None."""
+    from posttrain.core.qwen import template_text
+
+    for name in TRAINING_VARIANTS:
+        variant = template_text(name)
+        same = True
+        for probe in PROBES:
+            want = _render(tokenizer, template, probe)
+            if want is None and probe.get("tools"):
+                continue  # a template without tool support is judged on the other probes
+            if want is None or _render(tokenizer, variant, probe) != want:
+                same = False
+                break
+        if same:
+            return name
+    return None
+
 
 def training_template(tokenizer: Any, source: str = "tokenizer") -> str:
-    """The chat template to tokenize with: the tokenizer's, or TRL's training variant with generation markers."""
+    """The chat template to tokenize with for assistant-only loss (see the module docstring)."""
+    from posttrain.core.qwen import template_text
+
     tmpl = getattr(tokenizer, "chat_template", None)
     if not tmpl:
         raise BadInput(f"{source}: the tokenizer has no chat template (set tokenizer.chat_template in the recipe "
                        "to a Jinja file)")
     if isinstance(tmpl, dict):
         tmpl = tmpl.get("default") or next(iter(tmpl.values()))
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     if has_generation_markers(tmpl):
         return tmpl
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except Exception as e:  # noqa: BLE001 - TRL raises ValueError/KeyError for unknown templates
-        raise BadInput(f"{source}: the chat template has no {{% generation %}} markers, so assistant tokens cannot "
-                       f"be located ({e}); add the markers or set assistant_only_loss: false") from None
-    return patched or tmpl
+    name = matching_variant(tokenizer, tmpl)
+    if name is None:
+        raise BadInput(f"{source}: the chat template has no {{% generation %}} markers and renders like none of the "
+                       f"known templates ({', '.join(n.removesuffix('_training') for n in TRAINING_VARIANTS)}), so the "
+                       "assistant tokens cannot be located: set tokenizer.chat_template to a copy of the template "
+                       "with {% generation %}...{% endgeneration %} around each reply and its end-of-turn token, or "
+                       "set assistant_only_loss: false (train every token)")
+    return template_text(name)
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict], template: str | None,
-                          assistant_only: bool = True) -> tuple[list[int], list[int]]:
+                          assistant_only: bool = True, tools: list | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation; labels are -100 outside assistant spans.
 
     The assistant span is what the template wraps in ``{% generation %}``: the reply text
     and its end-of-turn token, never the ``<|im_start|>assistant`` header.
     """
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=template,
-                                        return_assistant_tokens_mask=assistant_only)
+    enc = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                        chat_template=template, return_assistant_tokens_mask=assistant_only)
     ids = list(enc["input_ids"])
     if not assistant_only:
         return ids, list(ids)
     mask = enc["assistant_masks"]
     return ids, [t if m else -100 for t, m in zip(ids, mask)]
+
+
+def trained_spans(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
+    """The decoded text of each run of trained tokens (what ``posttrain preview --json`` prints)."""
+    spans, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            spans.append(tokenizer.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tokenizer.decode(cur))
+    return spans

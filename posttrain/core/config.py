@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -23,21 +24,22 @@ import yaml
 
 from posttrain.core.errors import ConfigError
 
-__all__ = ["ConfigError", "build", "convert", "field_doc", "key", "load_yaml", "parse_scalar", "to_dict", "type_name"]
+__all__ = ["ConfigError", "MAX_VALUES", "build", "check_size", "convert", "field_doc", "key", "load_yaml", "parse_scalar", "to_dict", "type_name"]
 
 
 def key(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None,
-        input: bool = False, model: bool = False) -> Any:
+        input: bool | str = False, model: bool = False) -> Any:
     """A documented config field: ``name: T = key(DEFAULT, "what it does")``.
 
     ``factory`` builds mutable defaults (lists, dicts, sections); ``input=True`` marks a file path
-    (or ``@stage`` reference) that validation checks exists; ``model=True`` a model reference
+    (or ``@stage`` reference) that validation checks exists, ``input="preference"`` (a record kind)
+    one whose records validation also reads and audits as that kind; ``model=True`` a model reference
     (folder, hub id or ``@stage``) that validation checks can be resolved. The doc string is
     what ``posttrain keys`` prints for the key.
     """
     meta: dict[str, Any] = {"doc": doc}
     if input:
-        meta["input"] = True
+        meta["input"] = input  # True, or the record kind the input is checked as
     if model:
         meta["model"] = True
     if factory is not None:
@@ -77,6 +79,30 @@ def load_yaml(text: str, source: str) -> Any:
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+
+
+MAX_VALUES = 200_000
+MAX_INT = 2**53  # beyond this an integer setting is a typo (and no longer exact as a JSON number or a float)
+
+
+def check_size(data: Any, source: str, limit: int = MAX_VALUES) -> None:
+    """Refuse a document that expands to more than ``limit`` values (YAML aliases nested into an alias bomb).
+
+    PyYAML shares aliased nodes, so loading is cheap, but anything that walks the result (the
+    fingerprint, validation, the manifest) would walk every expansion. The walk stops at the limit.
+    """
+    seen = 0
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ConfigError(f"{source}: the document expands to more than {limit:,} values (nested YAML aliases?); "
+                              "write the values out or simplify the anchors")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def parse_scalar(text: str) -> Any:
@@ -151,10 +177,14 @@ def convert(tp: Any, value: Any, path: str, source: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(source, path, f"expected an integer, got {value!r}")
+        if abs(value) > MAX_INT:
+            raise _fail(source, path, f"{value} is out of range (at most {MAX_INT:,} in absolute value)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(source, path, f"expected a number, got {value!r}")
+        if isinstance(value, int) and abs(value) > MAX_INT or not math.isfinite(float(value)):
+            raise _fail(source, path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -43,6 +43,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def plain_loading() -> Any:
+    """Context in which ``from_pretrained`` builds a whole, local model even while a ZeRO-3 trainer lives.
+
+    Under ZeRO-3, transformers partitions every model built while the trainer's DeepSpeed config
+    exists, which broadcasts from rank 0: a model loaded by one rank only (the reward model's
+    held-out evaluation, a LoRA merge, a scorer, a sampler) would wait forever for the other
+    ranks. Models that are never wrapped in an engine must be loaded inside this context.
+    """
+    import sys
+
+    hfds = sys.modules.get("transformers.integrations.deepspeed")
+    saved = getattr(hfds, "_hf_deepspeed_config_weak_ref", None)
+    if hfds is not None:
+        hfds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        if hfds is not None:
+            hfds._hf_deepspeed_config_weak_ref = saved
+
+
 def deepspeed_requested(deepspeed_config: str | None = None) -> bool:
     """True when a DeepSpeed json is set or the launcher (accelerate) asked for DeepSpeed."""
     return bool(deepspeed_config) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
@@ -173,20 +195,7 @@ class Dist:
     def plain_loading(self) -> Any:
         """Context in which ``from_pretrained`` builds whole models even under ZeRO-3 (the frozen reference
         and the reward model are never wrapped in an engine, so they must not be partitioned)."""
-        if self.zero_stage != 3:
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def ctx() -> Any:
-            import transformers.integrations.deepspeed as hfds
-
-            saved = hfds._hf_deepspeed_config_weak_ref
-            hfds._hf_deepspeed_config_weak_ref = None
-            try:
-                yield
-            finally:
-                hfds._hf_deepspeed_config_weak_ref = saved
-        return ctx()
+        return plain_loading()
 
     def gathered(self, model: Any) -> Any:
         """Context in which ``model``'s parameters are whole (ZeRO-3 gathers its shards; call on every rank)."""

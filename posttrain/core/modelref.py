@@ -52,16 +52,18 @@ def check(ref: str, hub_timeout_s: float = 10.0) -> str | None:
         return f"{ref!r} is not a folder (and not a hub id of the form org/name)"
     if cached_snapshot(ref):
         return None
-    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    from huggingface_hub import constants
+
+    home = f"HF_HUB_CACHE={constants.HF_HUB_CACHE}"  # the folder actually searched, whichever variable set it
     if offline():
-        return (f"{ref!r} is not a local folder and not in the Hugging Face cache (HF_HOME={home}), and the hub is "
+        return (f"{ref!r} is not a local folder and not in the Hugging Face cache ({home}), and the hub is "
                 "off (HF_HUB_OFFLINE=1): download it on a machine with hub access or point at a local folder")
     try:
         from huggingface_hub import HfApi
 
         HfApi().model_info(ref, timeout=hub_timeout_s)
     except Exception as e:  # noqa: BLE001 - unreachable hub, unknown repo, gated repo...
-        return (f"{ref!r} is not a local folder, not in the Hugging Face cache (HF_HOME={home}), and the hub "
+        return (f"{ref!r} is not a local folder, not in the Hugging Face cache ({home}), and the hub "
                 f"cannot provide it ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     return None
 

@@ -42,11 +42,12 @@ from typing import Any, Literal
 import yaml
 
 from posttrain.core import modelref
-from posttrain.core.config import ConfigError, build, convert, key, load_yaml, parse_scalar, to_dict
+from posttrain.core.config import ConfigError, build, convert, key, check_size, load_yaml, parse_scalar, to_dict
 from posttrain.core.devices import DTYPES
 from posttrain.core.distributed import barrier, is_main_process
 from posttrain.core.errors import BadInput
-from posttrain.core.records import check_input
+from posttrain.core.datafiles import is_hub_ref
+from posttrain.core.inputs import check_source
 from posttrain.core.sampling.base import SamplerConfig
 
 StageTable = dict[str, tuple[type, Callable[[Any, Any], Any]]]
@@ -178,7 +179,15 @@ class Recipe:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: recipe file not found")
-        data = load_yaml(p.read_text(encoding="utf-8"), str(p))
+        raw_bytes = p.read_bytes()
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw_bytes[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{p}:{line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start}); "
+                              "save the recipe as UTF-8") from None
+        data = load_yaml(text, str(p))
+        check_size(data, str(p))
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the recipe must be a mapping with 'output_dir' and 'stages'")
         for o in overrides or []:
@@ -191,6 +200,8 @@ class Recipe:
         src = str(path)
         raw = copy.deepcopy(data)
         top = build(RecipeFile, data, "", src)
+        if not top.stages:
+            raise ConfigError(f"{src}: stages: the recipe has no stages (give a list of stages, each with a 'kind')")
         specs: list[StageSpec] = []
         names: set[str] = set()
         for i, st in enumerate(top.stages):
@@ -226,19 +237,26 @@ class Recipe:
 
     @staticmethod
     def _check_refs(cfg: Any, where: str, src: str, recipe_dir: Path, earlier: set[str], check_models: bool,
-                    skip: tuple[str, ...] = (), kind: str | None = None) -> None:
-        """Input files must exist, ``@refs`` must name earlier stages, model references must resolve."""
+                    skip: tuple[str, ...] = (), kind: str | None = None, data: Any = None) -> None:
+        """Input files must exist, ``@refs`` must name earlier stages, model references must resolve.
+
+        Inputs that declare a record kind are read and audited now with the stage's ``data`` checks
+        (a mixture source with its split); ``hf://`` datasets are checked when the stage reads them.
+        """
+        data = getattr(cfg, "data", None) if data is None else data
         for f in dataclasses.fields(cfg):
             if f.name in skip:
                 continue
             val = getattr(cfg, f.name)
             keypath = f"{where}.{f.name}" if where else f.name
             if dataclasses.is_dataclass(val):
-                Recipe._check_refs(val, keypath, src, recipe_dir, earlier, check_models)
+                Recipe._check_refs(val, keypath, src, recipe_dir, earlier, check_models, data=data)
                 continue
             if isinstance(val, list) and val and all(dataclasses.is_dataclass(v) for v in val):
+                sub_kind = kind_of(f.metadata.get("input"), kind)  # mixture sources are read as the input's kind
                 for j, v in enumerate(val):
-                    Recipe._check_refs(v, f"{keypath}[{j}]", src, recipe_dir, earlier, check_models)
+                    Recipe._check_refs(v, f"{keypath}[{j}]", src, recipe_dir, earlier, check_models, kind=sub_kind,
+                                       data=data)
                 continue
             is_input, is_model = f.metadata.get("input"), f.metadata.get("model")
             if not (is_input or is_model) or val is None:
@@ -246,7 +264,10 @@ class Recipe:
             for j, v in enumerate(val if isinstance(val, list) else [val]):
                 k = f"{keypath}[{j}]" if isinstance(val, list) else keypath
                 if dataclasses.is_dataclass(v):  # a mixture source: its path is checked as this input's kind
-                    Recipe._check_refs(v, k, src, recipe_dir, earlier, check_models, kind=kind_of(is_input))
+                    Recipe._check_refs(v, k, src, recipe_dir, earlier, check_models, kind=kind_of(is_input, kind),
+                                       data=data)
+                    continue
+                if is_hub_ref(v):
                     continue
                 if v.startswith("@"):
                     if v[1:].split("/")[0] not in earlier:
@@ -261,7 +282,8 @@ class Recipe:
                     raise ConfigError(f"{src}: {k}: input file not found: {v}")
                 elif kind_of(is_input, kind) is not None:
                     try:  # the data a later stage reads is checked now, before earlier stages spend hours
-                        check_input(local, kind_of(is_input, kind))
+                        check_source(str(local), kind_of(is_input, kind), cfg if hasattr(cfg, "split") else None,
+                                     data)
                     except BadInput as e:
                         raise ConfigError(f"{src}: {k}: {e}") from None
 

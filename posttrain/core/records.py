@@ -1,13 +1,21 @@
-"""Record schemas and dataset I/O shared by every stage and trainer.
+"""Record schemas, reading any supported layout, auditing, and writing records.
 
-Inputs: JSONL, Parquet or a `datasets` folder (``save_to_disk``) of records.
-Outputs: the same formats. Two record kinds, in TRL's conversational formats:
+Inputs: JSONL, JSON, Parquet, a ``datasets`` folder (``Dataset`` or ``DatasetDict``) or a hub
+dataset (``hf://ORG/NAME``) in any layout ``posttrain.core.layouts`` reads (every TRL dataset
+type, ShareGPT, Alpaca). Outputs: canonical records, in TRL's conversational formats:
 
-* demonstration: ``{"id", "messages", "source", "meta"}``
+* demonstration: ``{"id", "messages", "source", "meta"}``, or ``{"id", "text", "source", "meta"}``
+  for language-modelling text (trained on every token, without a chat template: sft only)
 * preference:    ``{"id", "prompt", "chosen", "rejected", "source", "meta"}``
   (``prompt`` is a message list ending with a user turn; ``chosen`` and
   ``rejected`` are lists of assistant messages; an optional float ``margin``
   is allowed for reward models.)
+* prompt:        ``{"id", "prompt", "source", "meta", ...}`` (extra fields are kept)
+
+``iter_records`` reads and normalises (``check_input`` also audits: what ``posttrain validate``
+runs on every input). ``RecordAudit`` counts the rows that are well-formed but unusable
+(chosen == rejected, a completion that is not an assistant turn, a demonstration with no
+assistant turn, one id with two contents) and fails when their share is above a limit.
 
 ``RecordWriter`` appends JSONL so a killed stage resumes: rows are flushed one
 line at a time, ids already in the file are skipped, and a torn last line left
@@ -19,18 +27,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROLES = {"system", "user", "assistant", "tool"}
-DEMONSTRATION = "demonstration"
-PREFERENCE = "preference"
-PROMPT = "prompt"  # a bare prompt set: {"id", "prompt" | "messages", ...}
+from posttrain.core.datafiles import MB, iter_rows
+from posttrain.core.errors import RecordError
+from posttrain.core.layouts import (
+    DEMONSTRATION,
+    PREFERENCE,
+    PROMPT,
+    ROLES,
+    coerce_messages,
+    normalise,
+    prompt_of_messages,
+)
 
+__all__ = ["DEMONSTRATION", "PREFERENCE", "PROMPT", "ROLES", "RecordAudit", "RecordError", "RecordWriter",
+           "check_input", "demonstration", "detect_kind", "iter_records", "preference", "read_records", "record_id",
+           "repair_jsonl", "to_chat_prompt", "validate", "write_records"]
 
-class RecordError(ValueError):
-    """A record failed validation; the message names the file and line/row."""
+DEFAULT_MAX_LINE_BYTES = 16 * MB
+DEFAULT_MAX_FLAGGED_SHARE = 0.1
 
 
 def record_id(*parts: Any) -> str:
@@ -39,23 +58,11 @@ def record_id(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_messages(msgs: Any, where: str, field: str) -> None:
-    if not isinstance(msgs, list) or not msgs:
-        raise RecordError(f"{where}: '{field}' must be a non-empty list of messages")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise RecordError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
-        if m.get("role") not in ROLES:
-            raise RecordError(f"{where}: {field}[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise RecordError(f"{where}: {field}[{i}].content must be a string")
-
-
 def detect_kind(rec: dict) -> str:
-    """Return the record kind of ``rec`` from its fields."""
+    """Return the record kind of a canonical ``rec`` from its fields."""
     if "chosen" in rec or "rejected" in rec:
         return PREFERENCE
-    if "messages" in rec:
+    if "messages" in rec or ("text" in rec and "prompt" not in rec):
         return DEMONSTRATION
     if "prompt" in rec:
         return PROMPT
@@ -63,14 +70,16 @@ def detect_kind(rec: dict) -> str:
 
 
 def validate(rec: Any, kind: str | None = None, where: str = "<record>") -> dict:
-    """Validate one record (and fill ``source``/``meta`` defaults); return it.
+    """Check one canonical record (and fill ``id``/``source``/``meta`` defaults); return it.
 
-    ``kind`` is ``demonstration``, ``preference``, ``prompt`` or None (detect).
-    Raises RecordError naming ``where`` (``file:line``) on bad input.
+    ``kind`` is ``demonstration``, ``preference``, ``prompt`` or None (detect). Messages are
+    normalised as ``layouts.coerce_messages`` does; a prompt record given a conversation takes
+    the turns before its last assistant turn. Raises RecordError naming ``where`` (``file:line``).
+    Foreign layouts are read by ``iter_records`` (``layouts.normalise``), not here.
     """
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-    for k in ("messages", "prompt", "chosen", "rejected", "margin"):
+    for k in ("messages", "prompt", "chosen", "rejected", "margin", "text"):
         if k in rec and rec[k] is None:  # columnar formats fill absent columns with nulls
             del rec[k]
     if isinstance(rec.get("meta"), str):  # columnar formats carry meta as a JSON string
@@ -80,24 +89,33 @@ def validate(rec: Any, kind: str | None = None, where: str = "<record>") -> dict
             rec["meta"] = {"raw": rec["meta"]}
     kind = kind or detect_kind(rec)
     if kind == DEMONSTRATION:
-        _check_messages(rec.get("messages"), where, "messages")
+        if "messages" not in rec and isinstance(rec.get("text"), str):
+            if not rec["text"].strip():
+                raise RecordError(f"{where}: 'text' must be a non-empty string")
+        else:
+            rec["messages"] = coerce_messages(rec.get("messages"), where, "messages")
     elif kind == PREFERENCE:
-        _check_messages(rec.get("prompt"), where, "prompt")
-        _check_messages(rec.get("chosen"), where, "chosen")
-        _check_messages(rec.get("rejected"), where, "rejected")
-        if "margin" in rec and rec["margin"] is not None and not isinstance(rec["margin"], (int, float)):
+        for f in ("prompt", "chosen", "rejected"):
+            rec[f] = coerce_messages(rec.get(f), where, f)
+        if "margin" in rec and (isinstance(rec["margin"], bool) or not isinstance(rec["margin"], (int, float))):
             raise RecordError(f"{where}: 'margin' must be a number")
     elif kind == PROMPT:
-        msgs = rec.get("prompt", rec.get("messages"))
+        msgs = rec.get("prompt")
         if isinstance(msgs, str):
             rec["prompt"] = [{"role": "user", "content": msgs}]
+        elif msgs is not None:
+            rec["prompt"] = coerce_messages(msgs, where, "prompt")
+        elif "messages" in rec:
+            rec["prompt"] = prompt_of_messages(coerce_messages(rec["messages"], where, "messages"), where)
         else:
-            _check_messages(msgs, where, "prompt")
-            rec.setdefault("prompt", msgs)
+            raise RecordError(f"{where}: a prompt record needs 'prompt' (or 'messages'), fields: {sorted(rec)}")
     else:
         raise RecordError(f"{where}: not a {kind or 'known'} record (fields: {sorted(rec)})")
     if "id" not in rec or rec["id"] in (None, ""):
-        rec["id"] = record_id(kind, {k: rec.get(k) for k in ("messages", "prompt", "chosen", "rejected")})
+        content = {k: rec.get(k) for k in ("messages", "prompt", "chosen", "rejected")}  # the ids of earlier versions
+        if "text" in rec and "messages" not in rec:
+            content["text"] = rec["text"]
+        rec["id"] = record_id(kind, content)
     rec["id"] = str(rec["id"])
     rec.setdefault("source", "user")
     meta = rec.setdefault("meta", {})
@@ -128,60 +146,131 @@ def preference(prompt: list[dict], chosen: str | list[dict], rejected: str | lis
 
 # ---------------------------------------------------------------- reading
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    torn = not data.endswith(b"\n") and data != b""
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            yield n, json.loads(raw)
-        except json.JSONDecodeError as e:
-            if torn and n == len(lines):
-                # A crash mid-write leaves the last line without its newline: drop it.
-                return
-            raise RecordError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+def _size(rec: dict) -> int:
+    """Characters of text a record carries (a bound for formats without lines, e.g. Parquet cells)."""
+    n = len(rec["text"]) if isinstance(rec.get("text"), str) else 0
+    for f in ("messages", "prompt", "chosen", "rejected"):
+        if isinstance(rec.get(f), list):
+            n += sum(len(m.get("content") or "") for m in rec[f])
+    return n
 
 
-def iter_records(path: str | os.PathLike, kind: str | None = None) -> Iterator[dict]:
-    """Yield validated records from a JSONL file, a Parquet file or a datasets folder."""
-    p = Path(path)
-    if not p.exists():
-        raise RecordError(f"{p}: no such file or folder")
-    if p.is_dir() and (p / "records.jsonl").exists():
-        p = p / "records.jsonl"
-    if p.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # noqa: BLE001 - datasets raises many types
-            raise RecordError(f"{p}: not a datasets folder ({e})") from None
-        for i, row in enumerate(ds):
-            yield validate(dict(row), kind, f"{p}:row {i}")
-    elif p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(p).to_pylist()):
-            yield validate(row, kind, f"{p}:row {i}")
-    else:
-        for n, rec in _iter_jsonl(p):
-            yield validate(rec, kind, f"{p}:{n}")
+def iter_located(path: str | os.PathLike, kind: str | None = None, split: str | None = None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` pairs of ``iter_records`` (``where`` names the file and line/row)."""
+    for where, row in iter_rows(path, split, max_line_bytes):
+        k, rec = normalise(row, kind, where)
+        rec = validate(rec, k, where)
+        if _size(rec) > max_line_bytes:
+            raise RecordError(f"{where}: the record holds more than {max_line_bytes / MB:.3g} MB of text (the limit "
+                              "is data.max_line_mb); split or shorten it")
+        yield where, rec
 
 
-def check_input(path: str | os.PathLike, kind: str | None) -> int:
-    """Validate every record of an input file as ``kind`` (what ``posttrain validate`` runs); return the count.
+def iter_records(path: str | os.PathLike, kind: str | None = None, split: str | None = None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[dict]:
+    """Yield canonical records of ``kind`` from any supported file, folder or hub dataset, in order.
 
-    Raises RecordError naming the file and row of the first bad record.
+    Each row is normalised from its layout (``layouts.normalise``) and validated; the first bad
+    row raises RecordError naming the file and line/row. ``split`` picks a ``DatasetDict`` split;
+    ``max_line_bytes`` bounds a JSONL line (and the text of one row of any format).
     """
-    return sum(1 for _ in iter_records(path, kind))
+    for _, rec in iter_located(path, kind, split, max_line_bytes):
+        yield rec
 
 
-def read_records(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
+def _messages_key(msgs: list[dict]) -> list[tuple[Any, Any]]:
+    return [(m.get("role"), m.get("content")) for m in msgs]
+
+
+class RecordAudit:
+    """Counts records that are well-formed but unusable, and fails above a share of them.
+
+    Checks (``check(rec, where)`` returns the names a record fails): ``no_assistant_turn``
+    (a demonstration conversation without an assistant turn; kind demonstration only),
+    ``chosen_equals_rejected`` and ``completion_not_assistant`` (a chosen/rejected list that does
+    not start with an assistant turn or holds a user/system turn; kind preference only), and
+    ``conflicting_id`` (an id seen before with different content; an exact repeat is only counted
+    as ``repeated_rows``). ``DROPPED`` are the checks whose records a stage input leaves out; the
+    others reach the trainers, which skip and count them in their own statistics.
+    """
+
+    DROPPED = ("completion_not_assistant", "conflicting_id")
+
+    def __init__(self, kind: str | None, label: str):
+        self.kind, self.label = kind, label
+        self.rows = 0
+        self.flagged = 0
+        self.counts: Counter[str] = Counter()
+        self.first: tuple[str, str] | None = None
+        self._seen: dict[str, str] = {}
+
+    def check(self, rec: dict, where: str) -> set[str]:
+        """The checks ``rec`` fails (and count it)."""
+        self.rows += 1
+        flags: set[str] = set()
+        if self.kind == DEMONSTRATION and "messages" in rec \
+                and not any(m["role"] == "assistant" for m in rec["messages"]):
+            flags.add("no_assistant_turn")
+        if self.kind == PREFERENCE:
+            if _messages_key(rec["chosen"]) == _messages_key(rec["rejected"]):
+                flags.add("chosen_equals_rejected")
+            turns = rec["chosen"] + rec["rejected"]
+            if rec["chosen"][0]["role"] != "assistant" or rec["rejected"][0]["role"] != "assistant" \
+                    or any(m["role"] in ("user", "system") for m in turns):
+                flags.add("completion_not_assistant")
+        content = json.dumps([rec.get(k) for k in ("messages", "text", "prompt", "chosen", "rejected")],
+                             sort_keys=True, ensure_ascii=False, default=str)
+        digest = hashlib.sha1(content.encode()).hexdigest()
+        prev = self._seen.get(rec["id"])
+        if prev is None:
+            self._seen[rec["id"]] = digest
+        elif prev != digest:
+            flags.add("conflicting_id")
+        else:
+            self.counts["repeated_rows"] += 1  # an exact repeat is legal (e.g. a weighted copy): only counted
+        for f in flags:
+            self.counts[f] += 1
+        if flags:
+            self.flagged += 1
+            if self.first is None:
+                self.first = (where, min(flags))
+        return flags
+
+    def stats(self) -> dict:
+        """``{rows, flagged, <check>: count, ...}`` for the stage's data statistics."""
+        return {"rows": self.rows, "flagged": self.flagged, **dict(sorted(self.counts.items()))}
+
+    def enforce(self, max_share: float) -> None:
+        """Raise RecordError (one line) when more than ``max_share`` of the rows were flagged."""
+        if self.rows and self.flagged / self.rows > max_share:
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()) if k != "repeated_rows")
+            where, flag = self.first or ("?", "?")
+            raise RecordError(f"{self.label}: {self.flagged} of {self.rows} rows are unusable ({counts}; first: "
+                              f"{where}: {flag}), more than data.max_flagged_share={max_share:g} of them: fix the "
+                              "data or raise that limit")
+
+
+def check_input(path: str | os.PathLike, kind: str | None, split: str | None = None, *,
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                max_flagged_share: float = DEFAULT_MAX_FLAGGED_SHARE) -> int:
+    """Read, normalise and audit every record of an input as ``kind`` (what ``posttrain validate`` runs).
+
+    Returns the record count. Raises RecordError naming the file and row of the first bad record,
+    for an input with no records, or when the audit's share of unusable rows is above the limit.
+    """
+    audit = RecordAudit(kind, str(path))
+    for where, rec in iter_located(path, kind, split, max_line_bytes):
+        audit.check(rec, where)
+    if audit.rows == 0:
+        raise RecordError(f"{path}: no records (the input is empty or only blank lines)")
+    audit.enforce(max_flagged_share)
+    return audit.rows
+
+
+def read_records(path: str | os.PathLike, kind: str | None = None, split: str | None = None) -> list[dict]:
     """Read all records of ``path`` (see ``iter_records``)."""
-    return list(iter_records(path, kind))
+    return list(iter_records(path, kind, split))
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict], kind: str | None = None) -> int:
@@ -300,9 +389,12 @@ class RecordWriter:
 
 def to_chat_prompt(rec: dict) -> list[dict]:
     """The prompt messages of any record: preference/prompt ``prompt``, or a demonstration
-    up to (excluding) its last assistant turn."""
+    up to (excluding) its last assistant turn. A ``text`` record has none: RecordError."""
     if "prompt" in rec and isinstance(rec["prompt"], list):
         return rec["prompt"]
+    if "messages" not in rec:
+        raise RecordError(f"record {rec.get('id')}: a language-modelling row ('text') has no prompt; this stage "
+                          "needs prompts, conversations or preference pairs")
     msgs = rec["messages"]
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
     return msgs[:last]

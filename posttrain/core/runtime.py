@@ -142,7 +142,8 @@ class StageContext:
         """
         from posttrain.core.inputs import read_input
 
-        recs, stats = read_input(spec, kind, self.resolve, self.seed, limit)
+        data = getattr(self.spec.config, "data", None)  # the stage's `data:` section, where it has one
+        recs, stats = read_input(spec, kind, self.resolve, self.seed, limit, data)
         self.input_stats = stats
         return recs
 

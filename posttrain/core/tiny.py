@@ -1,11 +1,16 @@
-"""Tiny local Qwen2 models for tests and the CPU demo (no network needed).
+"""Test models built locally (no network): tiny Qwen2s, Qwen2-shaped models, a tiny Qwen2-MoE.
 
-Output folder layout written by ``make_tiny_model(out_dir)``::
+Output folder layout written by ``make_tiny_model(out_dir, spec)``::
 
-    OUT/            Qwen2ForCausalLM (GQA, tied embeddings) + tokenizer
-    OUT/reward/     Qwen2ForSequenceClassification (num_labels=1) + tokenizer
+    OUT/            Qwen2ForCausalLM or Qwen2MoeForCausalLM (GQA, tied embeddings) + tokenizer
+    OUT/reward/     the matching *ForSequenceClassification (num_labels=1, the policy's trunk) + tokenizer
 
-The tokenizer is a byte-level BPE trained with ``tokenizers`` on generated text
+``TinySpec`` picks the size (tiny widths or Qwen2-0.5B's), the tokenizer (the tiny one below, or
+Qwen's real one from ``posttrain.core.qwen`` with the published Qwen2 / Qwen2.5 chat template, a
+151,936-row embedding, and a generation config that stops on ``<|im_end|>`` or ``<|endoftext|>`` like
+the Qwen2 instruct checkpoints) and MoE or dense.
+
+The tiny tokenizer is a byte-level BPE trained with ``tokenizers`` on generated text
 (English words, arithmetic, code), digits split one by one like Qwen2's, with
 the ChatML special tokens ``<|endoftext|>`` (pad), ``<|im_start|>`` and
 ``<|im_end|>`` (eos) and a ChatML chat template whose assistant turns are
@@ -18,6 +23,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.core.config import key
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -108,47 +116,97 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
 
 @dataclass
 class TinySpec:
-    """Size of the tiny model (the defaults train at tens of ms per step on 2 cores)."""
+    """Size and tokenizer of a test model (the defaults train at tens of ms per step on 2 cores).
 
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    vocab_size: int = 1024
-    max_position_embeddings: int = 4096
-    initializer_range: float = 0.02
-    seed: int = 0
+    ``tokenizer: qwen2`` / ``qwen2.5`` use Qwen's real tokenizer and vocabulary (151,936 embedding
+    rows); ``shape: qwen2-0.5b`` takes Qwen2-0.5B's widths (hidden 896, 14 heads, 2 KV heads,
+    intermediate 4864, tied embeddings) with ``num_hidden_layers`` layers; ``moe: true`` builds a
+    Qwen2-MoE (``Qwen2MoeConfig``: ``num_experts`` experts, top ``num_experts_per_tok``, a shared expert).
+    """
+
+    hidden_size: int = key(128, "hidden width (ignored with shape qwen2-0.5b)")
+    intermediate_size: int = key(384, "MLP width (ignored with shape qwen2-0.5b)")
+    num_hidden_layers: int = key(2, "decoder layers")
+    num_attention_heads: int = key(4, "attention heads (ignored with shape qwen2-0.5b)")
+    num_key_value_heads: int = key(2, "key/value heads (GQA; ignored with shape qwen2-0.5b)")
+    vocab_size: int = key(1024, "BPE vocabulary of the tiny tokenizer (ignored with a Qwen tokenizer)")
+    max_position_embeddings: int = key(4096, "context length")
+    initializer_range: float = key(0.02, "std of the random weights")
+    seed: int = key(0, "seed of the weights and the tiny tokenizer")
+    tokenizer: Literal["tiny", "qwen2", "qwen2.5"] = key("tiny", "tiny (trained here) or Qwen's real tokenizer")
+    shape: Literal["tiny", "qwen2-0.5b"] = key("tiny", "tiny widths, or Qwen2-0.5B's widths")
+    moe: bool = key(False, "a Qwen2-MoE model (sparse MoE block in every layer, plus a shared expert)")
+    num_experts: int = key(4, "moe: routed experts per layer")
+    num_experts_per_tok: int = key(2, "moe: experts each token is routed to")
+
+    def check(self, given: frozenset[str] = frozenset()) -> None:
+        """Keys that the chosen shape/tokenizer ignore are errors."""
+        if self.shape != "tiny" and given & {"hidden_size", "intermediate_size", "num_attention_heads",
+                                             "num_key_value_heads"}:
+            raise ValueError(f"shape {self.shape} fixes the widths; remove hidden_size/intermediate_size/heads")
+        if self.tokenizer != "tiny" and "vocab_size" in given:
+            raise ValueError(f"tokenizer {self.tokenizer} fixes the vocabulary; remove vocab_size")
+        if not self.moe and given & {"num_experts", "num_experts_per_tok"}:
+            raise ValueError("num_experts / num_experts_per_tok need moe: true")
+        if self.moe and self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must be <= num_experts")
+
+
+QWEN2_0_5B = {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
+              "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6}
+
+
+def _model_config(spec: TinySpec, vocab: int, eos: int, pad: int) -> Any:
+    from transformers import Qwen2Config, Qwen2MoeConfig
+
+    widths = dict(hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                  num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+                  rope_theta=10000.0)
+    if spec.shape == "qwen2-0.5b":
+        widths.update(QWEN2_0_5B)
+    common = dict(vocab_size=vocab, num_hidden_layers=spec.num_hidden_layers,
+                  max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
+                  initializer_range=spec.initializer_range, bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
+                  use_cache=True, **widths)
+    if not spec.moe:
+        return Qwen2Config(**common)
+    return Qwen2MoeConfig(**common, num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                          moe_intermediate_size=max(8, common["intermediate_size"] // 2),
+                          shared_expert_intermediate_size=common["intermediate_size"], decoder_sparse_step=1,
+                          norm_topk_prob=False, output_router_logits=False, router_aux_loss_coef=0.001)
 
 
 def make_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, reward: bool = True) -> Path:
-    """Write the tiny causal LM (+ tokenizer) to ``out_dir`` and the reward model to ``out_dir/reward``."""
+    """Write the test causal LM (+ tokenizer) to ``out_dir`` and a reward model to ``out_dir/reward``."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     spec = spec or TinySpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(spec.vocab_size, spec.seed)
+    if spec.tokenizer == "tiny":
+        tok = build_tokenizer(spec.vocab_size, spec.seed)
+        vocab = len(tok)
+    else:
+        from posttrain.core.qwen import VOCAB_SIZE, qwen2_tokenizer
+
+        tok, vocab = qwen2_tokenizer(spec.tokenizer), VOCAB_SIZE
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, initializer_range=spec.initializer_range, rope_theta=10000.0,
-        bos_token_id=None, eos_token_id=eos, pad_token_id=pad, use_cache=True,
-    )
+    cfg = _model_config(spec, vocab, eos, pad)
     torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(cfg).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.float32)
+    # Like the Qwen2 instruct checkpoints: a reply ends at <|im_end|> or <|endoftext|>.
+    eos_ids = [eos] if spec.tokenizer == "tiny" else [eos, pad]
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids if len(eos_ids) > 1 else eos, pad_token_id=pad,
+                                               do_sample=False)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     if reward:
         torch.manual_seed(spec.seed + 1)
-        d = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id")}
-        rcfg = Qwen2Config(**d, num_labels=1)
-        rm = Qwen2ForSequenceClassification(rcfg).to(torch.float32)
+        rcfg = _model_config(spec, vocab, eos, pad)
+        rcfg.num_labels = 1
+        rm = AutoModelForSequenceClassification.from_config(rcfg).to(torch.float32)
         # Start the reward model from the policy's trunk, as reward models usually start from the SFT model.
         rm.model.load_state_dict(model.model.state_dict())
         rm.save_pretrained(out / "reward")
@@ -158,12 +216,12 @@ def make_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, reward: b
 
 @dataclass
 class TinyModelStageConfig(TinySpec):
-    """Stage ``make_tiny_model``: build the tiny model into the stage folder (``@NAME``)."""
+    """Stage ``make_tiny_model``: build a test model into the stage folder (``@NAME``)."""
 
-    reward: bool = True
+    reward: bool = key(True, "also build a reward model (sequence classifier) in reward/")
 
 
-def run_stage(cfg: TinyModelStageConfig, ctx) -> dict:
+def run_stage(cfg: TinyModelStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``make_tiny_model``."""
     spec = TinySpec(**{k: getattr(cfg, k) for k in TinySpec.__dataclass_fields__})
     make_tiny_model(ctx.out_dir, spec, reward=cfg.reward)

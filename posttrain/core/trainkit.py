@@ -34,7 +34,8 @@ from typing import Any, Literal
 from posttrain.core.attention import CPU_VARLEN, pick_attention, register_sdpa_varlen
 from posttrain.core.config import key
 from posttrain.core.devices import torch_dtype
-from posttrain.core.distributed import barrier, distributed_info, is_main_process, on_gpu, setup_distributed
+from posttrain.core.distributed import (barrier, deepspeed_requested, distributed_info, is_main_process, on_gpu, plain_loading,
+                                        setup_distributed)
 
 log = logging.getLogger("posttrain")
 
@@ -252,13 +253,40 @@ def tracking_callbacks(t: TrainArgs, out_dir: Path) -> list:
 
 # ---------------------------------------------------------------- loading and saving
 
+def prepare_moe(model: Any) -> list[str]:
+    """Mixture-of-experts models under DeepSpeed ZeRO-3: register each sparse MoE block as a ZeRO-3 leaf.
+
+    ZeRO-3 gathers parameters module by module as the forward reaches them; tokens routed to
+    different experts on different ranks would make the ranks gather different modules and hang.
+    A leaf block is gathered whole. Returns the registered class names ([] for dense models). The
+    router's load-balancing loss is added by TRL with the model's own ``router_aux_loss_coef``.
+    DeepSpeed is recognised from the launcher (accelerate) or from ``train.deepspeed`` (torchrun):
+    transformers sets ``ACCELERATE_USE_DEEPSPEED`` only briefly, but keeps its ZeRO-3 config active.
+    """
+    import sys
+
+    if not getattr(model.config, "num_experts", None):
+        return []
+    blocks = sorted({type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")},
+                    key=lambda c: c.__name__)
+    hfds = sys.modules.get("transformers.integrations.deepspeed")
+    zero3 = hfds is not None and hfds.is_deepspeed_zero3_enabled()
+    if blocks and (deepspeed_requested() or zero3):
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, blocks)
+    return [c.__name__ for c in blocks]
+
+
 def load_causal_lm(path: str, dtype: str, attn: str) -> Any:
-    """Load a causal LM for training (``dtype: auto`` = bf16 on a bf16 GPU, else fp32)."""
+    """Load a causal LM for training (``dtype: auto`` = bf16 on a bf16 GPU, else fp32); MoE prepared for ZeRO-3."""
     from transformers import AutoModelForCausalLM
 
     if attn == CPU_VARLEN:
         register_sdpa_varlen()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation=attn)
+    prepare_moe(model)
+    return model
 
 
 def last_checkpoint(out_dir: Path) -> str | None:
@@ -288,7 +316,8 @@ def save_final(trainer: Any, out_dir: Path, tokenizer: Any, lora: LoraSection | 
             from peft import PeftModel
 
             # Merge on a fresh CPU copy: the training copy may be sharded (ZeRO-3) or in bf16 autocast.
-            base = load_base() if load_base else load_causal_lm(base_path, dtype, "sdpa")
+            with plain_loading():  # rank 0 alone: a ZeRO-3 init here would wait for the other ranks
+                base = load_base() if load_base else load_causal_lm(base_path, dtype, "sdpa")
             merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             merged.save_pretrained(str(out_dir))
     return "lora-merged" if lora.merge else "lora-adapter"
@@ -375,6 +404,9 @@ def finish(run: TrainerRun, trainer: Any, result: Any, *, load_base: Any = None)
             shutil.rmtree(run.out_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run.out_dir / "_data", ignore_errors=True)
     barrier()
+    moe = prepare_moe(trainer.model) if hasattr(trainer.model, "config") else []
     return {"model": str(run.out_dir), "saved": saved, "steps": trainer.state.global_step,
             "resumed_from": run.resume, "metrics": dict(result.metrics), "distributed": distributed_info(trainer),
-            "attn_implementation": run.attn, "lora": asdict(cfg.lora) if cfg.lora else None}
+            "attn_implementation": run.attn, "lora": asdict(cfg.lora) if cfg.lora else None,
+            "moe": {"leaf_modules": moe, "router_aux_loss_coef": getattr(trainer, "router_aux_loss_coef", None)}
+            if moe else None}

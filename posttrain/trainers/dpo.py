@@ -15,7 +15,10 @@ exists) and ``checkpoints/``.
 
 How: TRL's ``DPOTrainer``. ``loss_type`` defaults to ``sigmoid`` (the DPO
 paper); any TRL loss type (ipo, hinge, robust, ...) or a list of them with
-``loss_weights`` is passed through. The reference is the starting policy: a
+``loss_weights`` is passed through. ``packing: true`` feeds each micro-batch
+padding-free (``posttrain.trainers.dpo_packed``: one row, per-document
+attention, log-probs at completion tokens only; sigmoid loss only), where TRL
+pads every pair to the batch's longest sequence. The reference is the starting policy: a
 frozen copy for full fine-tuning, the same weights with the adapter disabled
 under LoRA, or, with ``precompute_ref_log_probs``, log-probs computed once
 before training so no reference model is held during training. The learning
@@ -33,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from posttrain.core.config import key
-from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import DataSection, InputSpec
 from posttrain.core.inputs import input_label as _label
 from posttrain.core.distributed import is_main_process, setup_distributed
 from posttrain.core.errors import BadInput
@@ -65,6 +68,7 @@ class DPOStageConfig:
     """Stage ``dpo``: offline DPO on preference pairs (sigmoid loss by default)."""
 
     input: InputSpec = key(doc="preference records (file or @stage)", input="preference")
+    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
     eval_input: InputSpec | None = key(None, "held-out preference records", input="preference")
     eval_fraction: float = key(0.0, "without eval_input: hold out this fraction of input (seeded) for evaluation")
     model: str | None = key(None, "starting policy (default: recipe model.path)", model=True)
@@ -75,6 +79,8 @@ class DPOStageConfig:
     label_smoothing: float = key(0.0, "epsilon of the loss types that read it: " + ", ".join(SMOOTHED_LOSS_TYPES)
                                  + " (an error with any other: TRL would ignore it)")
     precompute_ref_log_probs: bool = key(False, "compute reference log-probs once; no reference model during training")
+    packing: bool = key(False, "padding-free: each micro-batch's chosen and rejected sequences packed into one row "
+                        "(per-document sdpa on CPU, flash-attention varlen on GPU); loss_type must be [sigmoid]")
     max_length: int | None = key(2048, "prompt + completion tokens per side (null: no truncation)")
     truncation_mode: Literal["keep_start", "keep_end"] = key("keep_start", "which end of an over-long pair is kept")
     attn_implementation: str | None = key(None, "null: flash_attention_2 on GPU when installed, else model.attn_implementation")
@@ -105,6 +111,15 @@ class DPOStageConfig:
             raise ValueError("label_smoothing must be in [0, 0.5)")
         if self.ref_model is not None and self.lora is not None:
             raise ValueError("ref_model has no effect with LoRA (the reference is the adapter disabled); remove it")
+        if self.packing:
+            from posttrain.trainers.dpo_packed import INERT_ARGS, PACKED_LOSS_TYPES
+
+            if [t for t in self.loss_type if t not in PACKED_LOSS_TYPES]:
+                raise ValueError(f"loss_type {self.loss_type}: packing: true implements {list(PACKED_LOSS_TYPES)} "
+                                 "only (set packing: false for TRL's other losses)")
+            inert = sorted(set(self.train.extra) & set(INERT_ARGS))
+            if inert:
+                raise ValueError(f"train.extra.{inert[0]} has no effect with packing: true (remove it)")
 
     def check_in_recipe(self, recipe: object) -> None:
         """Checks that need the whole recipe: merging needs a base model."""
@@ -132,8 +147,16 @@ def pair_rows(records: list[dict], source: str) -> tuple[list[dict], dict]:
     return rows, {"records": len(records), "skipped_chosen_equals_rejected": same, "rows": len(rows)}
 
 
-def _dpo_trainer_class() -> type:
+def _dpo_trainer_class(packed: bool = False) -> type:
     from trl import DPOTrainer
+
+    if packed:
+        from posttrain.trainers.dpo_packed import PackedDPOMixin
+
+        class PackedPosttrainDPOTrainer(PackedDPOMixin, ScheduleMixin, DPOTrainer):
+            pass
+
+        return PackedPosttrainDPOTrainer
 
     class PosttrainDPOTrainer(ScheduleMixin, DPOTrainer):
         pass
@@ -145,7 +168,7 @@ def build_dpo_trainer(cfg: DPOStageConfig, model_path: str, tokenizer: Any, trai
                       eval_rows: list[dict] | None, out_dir: Any, seed: int, dtype: str = "auto",
                       attn: str = "sdpa", ref_path: str | None = None, callbacks: list | None = None,
                       run_name: str | None = None) -> Any:
-    """The configured DPOTrainer (also used by tests and the benchmark)."""
+    """The configured DPOTrainer, padded (TRL's) or packed (``cfg.packing``); also used by tests and the benchmark."""
     from trl import DPOConfig
 
     if not getattr(tokenizer, "chat_template", None):
@@ -163,12 +186,24 @@ def build_dpo_trainer(cfg: DPOStageConfig, model_path: str, tokenizer: Any, trai
     data = out_dir / "_data"
     train_ds = dataset_on_disk(train_rows, data)
     eval_ds = dataset_on_disk(eval_rows, data) if eval_rows else None
-    cls = _dpo_trainer_class()
+    cls = _dpo_trainer_class(cfg.packing)
     trainer = cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                   processing_class=tokenizer, peft_config=lora_config(cfg.lora) if cfg.lora else None,
                   callbacks=callbacks or [])
     trainer.schedule = cfg.train
     return trainer
+
+
+def _first_eval(evals: dict[str, Any]) -> Any:
+    """A callback that keeps the first evaluation's metrics (the one ``eval_on_start`` runs) as ``evals["before"]``."""
+    from transformers import TrainerCallback
+
+    class FirstEval(TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
+            if "before" not in evals and metrics is not None:
+                evals["before"] = _eval_summary(dict(metrics))
+
+    return FirstEval()
 
 
 def _eval_summary(m: dict) -> dict:
@@ -179,7 +214,7 @@ def _eval_summary(m: dict) -> dict:
 
 def run(cfg: DPOStageConfig, ctx: Any) -> dict:
     """Entry point of stage kind ``dpo``."""
-    tr = begin(cfg, ctx)
+    tr = begin(cfg, ctx, packed=cfg.packing)
     cfg = tr.cfg
     src = _label(cfg.input)
     rows, stats = pair_rows(ctx.read_input(cfg.input, "preference", cfg.limit), src)
@@ -206,7 +241,11 @@ def run(cfg: DPOStageConfig, ctx: Any) -> dict:
         merging.patch_trainer(trainer, cfg.merging, reference=reference, base=base)
     evals: dict[str, Any] = {}
     if eval_rows and not tr.resume:
-        evals["before"] = _eval_summary(trainer.evaluate())
+        # The "before" evaluation runs inside train() (eval_on_start), after the model is prepared: an
+        # evaluate() call before train() wraps the model in a DeepSpeed inference engine, and train()
+        # then never builds the training engine (accelerator.backward finds none and fails).
+        trainer.args.eval_on_start = True
+        trainer.add_callback(_first_eval(evals))
     result = trainer.train(resume_from_checkpoint=tr.resume)
     if eval_rows:
         evals["after"] = _eval_summary(trainer.evaluate())
@@ -214,6 +253,6 @@ def run(cfg: DPOStageConfig, ctx: Any) -> dict:
             ctx.write_json("eval.json", evals)
     summary = finish(tr, trainer, result)
     return {**summary, "data": stats, "eval": evals, "loss_type": cfg.loss_type, "beta": cfg.beta,
-            "reference": "precomputed" if cfg.precompute_ref_log_probs else
+            "packing": cfg.packing, "reference": "precomputed" if cfg.precompute_ref_log_probs else
             ("disabled-adapter" if cfg.lora else (ref_path or "frozen copy of the starting policy")),
             "merging": json.loads(json.dumps(asdict(cfg.merging))) if cfg.merging else None}

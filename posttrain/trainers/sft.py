@@ -45,7 +45,7 @@ from typing import Any, Literal
 from posttrain.core.attention import pick_attention
 from posttrain.core.chat import tokenize_conversation, training_template
 from posttrain.core.config import key
-from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import DataSection, InputSpec
 from posttrain.core.inputs import input_label as _label
 from posttrain.core.distributed import is_main_process
 from posttrain.core.errors import BadInput
@@ -62,6 +62,7 @@ class SFTStageConfig:
     """Stage ``sft``: supervised fine-tuning on demonstrations (assistant-only loss, packed, padding-free)."""
 
     input: InputSpec = key(doc="demonstration records (file or @stage)", input="demonstration")
+    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
     eval_input: InputSpec | None = key(None, "held-out demonstrations: eval loss logged at the end", input="demonstration")
     model: str | None = key(None, "model to fine-tune (default: recipe model.path)", model=True)
     max_length: int = key(4096, "tokens per packed row (Qwen2 report: 32768)")
@@ -83,21 +84,38 @@ class SFTStageConfig:
 
 # ---------------------------------------------------------------- data
 
+def tokenize_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a language-modelling ``text`` row: no chat template, the tokenizer's own special
+    tokens, and the end-of-sequence token appended (as TRL does), so the model learns to stop."""
+    ids = list(tokenizer(text)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
 def prepare_rows(records: list[dict], tokenizer: Any, template: str | None, max_length: int,
                  overlong: str, assistant_only: bool, source: str) -> tuple[list[dict], dict]:
     """Tokenize demonstrations; skip rows without an assistant turn, truncate/drop over-long rows.
 
-    Returns (rows ``{"input_ids", "labels"}``, counts). Raises BadInput when nothing is trainable.
+    Conversations go through the chat template (``template``; assistant tokens only when
+    ``assistant_only``); ``text`` rows are raw text trained on every token. Returns (rows
+    ``{"input_ids", "labels"}``, counts). Raises BadInput when nothing is trainable.
     """
     st = {"records": len(records), "skipped_no_assistant": 0, "truncated": 0, "dropped_overlong": 0,
-          "dropped_no_trainable": 0}
+          "dropped_no_trainable": 0, "text_rows": 0}
     rows = []
     for rec in records:
-        msgs = rec["messages"]
-        if not any(m["role"] == "assistant" for m in msgs):
-            st["skipped_no_assistant"] += 1
-            continue
-        ids, labels = tokenize_conversation(tokenizer, msgs, template, assistant_only)
+        if "messages" not in rec and isinstance(rec.get("text"), str):
+            ids = tokenize_text(tokenizer, rec["text"])
+            labels = list(ids)
+            st["text_rows"] += 1
+        else:
+            msgs = rec["messages"]
+            if not any(m["role"] == "assistant" for m in msgs):
+                st["skipped_no_assistant"] += 1
+                continue
+            ids, labels = tokenize_conversation(tokenizer, msgs, template, assistant_only)
         if len(ids) > max_length:
             if overlong == "drop":
                 st["dropped_overlong"] += 1

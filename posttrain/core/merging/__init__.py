@@ -10,10 +10,17 @@ parameter's update ``Delta`` (what the inner optimizer just did) by
 
 * OnDARE: ``alpha * D(tau) + (1 - alpha) * D(Delta)``; D drops entries at
   random with keep rate p and rescales the kept ones by 1/p. The mask on tau
-  is drawn once at start, the mask on Delta at every step.
-* OnTIES: keep the top-p fraction by magnitude of tau (once) and of Delta
-  (every step), elect the sign of ``tau' + Delta'`` per entry, zero the terms
+  is drawn once at start (and D(tau) clamped to [-1, 1]), the mask on Delta
+  at every step.
+* OnTIES: keep the ``int(p * n)`` entries largest in magnitude of tau (once)
+  and of Delta (every step; a tensor with ``int(p * n) == 0`` is kept whole),
+  elect the sign of ``tau' + Delta'`` per entry (+ on a tie), zero the terms
   whose sign disagrees, then ``alpha * tau'' + (1 - alpha) * Delta''``.
+
+Delta is the inner optimizer's update without its decoupled weight decay;
+the decay is applied after the merge to every weight of a decaying param
+group, ``theta = (theta + merged) * (1 - lr * weight_decay)``. All of these
+follow the reference implementation (QwenLM/online_merging_optimizers).
 
 tau is sparsified once and stored sparsely (int32 flat indices + fp32 values),
 so its memory is about ``2 * keep_rate`` of the fp32 parameter memory, never a
@@ -43,7 +50,12 @@ from typing import Any, Literal
 
 from posttrain.core.config import key
 from posttrain.core.merging.rules import METHODS, dare_mask, merged_update, topk_mask
-from posttrain.core.merging.sparse import SparseTau, sparsify, sparsify_all, tau_from_checkpoints
+from posttrain.core.merging.sparse import (
+    SparseTau,
+    sparsify,
+    sparsify_all,
+    tau_from_checkpoints,
+)
 
 
 @dataclass
@@ -83,6 +95,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["METHODS", "MergingConfig", "MergingOptimizer", "SparseTau", "merged_update", "sparsify", "sparsify_all",
-           "tau_from_checkpoints", "wrap_optimizer", "patch_trainer", "check_model", "resolve_paths",
-           "topk_mask", "dare_mask", "optimizer_class", "describe"]
+__all__ = [
+    "METHODS",
+    "MergingConfig",
+    "MergingOptimizer",
+    "SparseTau",
+    "check_model",
+    "dare_mask",
+    "describe",
+    "merged_update",
+    "optimizer_class",
+    "patch_trainer",
+    "resolve_paths",
+    "sparsify",
+    "sparsify_all",
+    "tau_from_checkpoints",
+    "topk_mask",
+    "wrap_optimizer",
+]

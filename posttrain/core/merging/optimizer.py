@@ -5,6 +5,16 @@ Input: an inner torch optimizer (AdamW by default), the model's named parameters
 step replaces each parameter's update ``Delta`` (what the inner optimizer just did) by
 ``merged_update(Delta, tau)``; ``wrap_optimizer`` / ``patch_trainer`` for the stages.
 
+Weight decay follows the reference implementation (QwenLM/online_merging_optimizers,
+``ODAdamW.step`` / ``OTAdamW.step``): the inner optimizer steps with its decoupled weight decay
+switched off, so Delta is the bare Adam update, and after the merge every weight of a group is
+decayed, ``theta = (theta_old + merged) * (1 - lr * weight_decay)`` with the group's lr and
+weight_decay (a group with weight_decay 0, e.g. HF's biases and norms, is not decayed). Folding
+the decay into Delta instead would sparsify it with Delta: at keep rate 1e-2 about 1% of the
+weights would be decayed 100x and the rest not at all. Optimizers whose weight decay is a coupled
+L2 term in the gradient (SGD, Adam without decoupling, ...) keep it: it is part of their gradient,
+hence of Delta. An optimizer whose kind of decay is unknown is refused when it decays.
+
 DeepSpeed ZeRO-1/2/3: the engine hands the inner optimizer flat fp32 partitions instead of
 named parameters. At its first step the wrapper finds where each named parameter's local
 slice lies in those flat tensors (ZeRO-1/2: the parameter's ``_hp_mapping`` fragment; ZeRO-3:
@@ -22,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from posttrain.core.errors import ConfigError
 from posttrain.core.merging.rules import METHODS, merged_update
 from posttrain.core.merging.sparse import SparseTau, sparsify_all, tau_from_checkpoints
 
@@ -51,7 +62,7 @@ class _MergingMixin:
     those of ``named_params``. Parameters without a tau entry merge with tau = 0.
     """
 
-    def __init__(self, inner, named_params: Iterable[tuple[str, "torch.nn.Parameter"]], tau_source: Any, *,
+    def __init__(self, inner, named_params: Iterable[tuple[str, torch.nn.Parameter]], tau_source: Any, *,
                  method: str = "ondare", keep_rate: float = 1e-2, alpha: float = 3e-7, seed: int = 0,
                  chunk_numel: int = 1 << 27):
 
@@ -73,6 +84,8 @@ class _MergingMixin:
         unknown = set(self.taus) - set(names)
         if unknown:
             raise ValueError(f"merging: tau has entries for no trainable parameter: {sorted(unknown)[:3]}")
+        for group in inner.param_groups:
+            _decay_kind(inner, group)  # refuse an optimizer whose kind of weight decay is unknown, now
         self._gens: dict[str, torch.Generator] = {}
         self._frag_cache: dict[int, list[tuple[_Frag, SparseTau | None]]] = {}
         self.steps = 0
@@ -109,7 +122,10 @@ class _MergingMixin:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The inner optimizer's state plus the step count (tau is rebuilt from the seed, not saved)."""
+        """The inner optimizer's state plus the count of step calls (tau is rebuilt from the seed, not saved).
+
+        Under DeepSpeed ZeRO the engine calls ``step`` once per param group (ZeRO-3: sub-group).
+        """
         return {"inner": self.inner.state_dict(), "merging_steps": self.steps}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -167,7 +183,7 @@ class _MergingMixin:
                 out.append(_Frag(name, p.untyped_storage().data_ptr(), p.storage_offset(), p.numel(), 0))
         return out
 
-    def _fragments(self, t: "torch.Tensor") -> list[tuple[_Frag, SparseTau | None]]:
+    def _fragments(self, t: torch.Tensor) -> list[tuple[_Frag, SparseTau | None]]:
         key = id(t)
         hit = self._frag_cache.get(key)
         if hit is not None and hit[0] == t.untyped_storage().data_ptr():
@@ -181,7 +197,7 @@ class _MergingMixin:
         self._frag_cache[key] = (ptr, frags)
         return frags
 
-    def _generator(self, device) -> "torch.Generator":
+    def _generator(self, device) -> torch.Generator:
         import torch
 
         key = str(device)
@@ -194,7 +210,11 @@ class _MergingMixin:
 
     # -- the step
     def step(self, closure: Callable | None = None):
-        """Inner step chunk by chunk; then each stepped tensor's slices get ``old + merged_update(new - old)``."""
+        """Inner step chunk by chunk; then each stepped tensor's slices get ``old + merged_update(new - old)``.
+
+        The inner step runs with decoupled weight decay off; each group's decay is applied after
+        the merge, to every weight of the stepped tensors: ``(old + merged) * (1 - lr * wd)``.
+        """
         import torch
 
         loss = None
@@ -203,6 +223,9 @@ class _MergingMixin:
                 loss = closure()
         groups = self.inner.param_groups
         saved = [g["params"] for g in groups]
+        # Read before the inner step: lr is the value the inner optimizer uses at this step.
+        shrink = [_shrink_factor(self.inner, g) for g in groups]
+        saved_wd = [g.get("weight_decay") for g in groups]
         chunks: list[list[tuple[int, Any]]] = []
         cur: list[tuple[int, Any]] = []
         size = 0
@@ -218,6 +241,9 @@ class _MergingMixin:
         if cur:
             chunks.append(cur)
         try:
+            for g, f in zip(groups, shrink):
+                if f is not None:
+                    g["weight_decay"] = 0.0
             for chunk in chunks:
                 if len(chunks) > 1:
                     for gi, g in enumerate(groups):
@@ -226,16 +252,18 @@ class _MergingMixin:
                     old = [p.detach().clone() for _, p in chunk]
                 self.inner.step()
                 with torch.no_grad():
-                    for (_, p), o in zip(chunk, old):
-                        self._merge_tensor(p, o)
+                    for (gi, p), o in zip(chunk, old):
+                        self._merge_tensor(p, o, shrink[gi])
                 del old
         finally:
-            for g, ps in zip(groups, saved):
+            for g, ps, f, wd in zip(groups, saved, shrink, saved_wd):
                 g["params"] = ps
+                if f is not None:
+                    g["weight_decay"] = wd
         self.steps += 1
         return loss
 
-    def _merge_tensor(self, p: "torch.Tensor", old: "torch.Tensor") -> None:
+    def _merge_tensor(self, p: torch.Tensor, old: torch.Tensor, shrink: float | None) -> None:
         flat, oflat = p.data.view(-1), old.view(-1)
         gen = self._generator(p.device)
         lo = p.storage_offset()
@@ -246,6 +274,41 @@ class _MergingMixin:
             t = tau if tau is not None else torch_zeros_like(delta)
             cur.copy_(prev + merged_update(delta, t, method=self.method, keep_rate=self.keep_rate,
                                            alpha=self.alpha, generator=gen))
+        if shrink is not None:
+            # Decoupled decay of every weight after the merge (all of the tensor: a ZeRO flat
+            # partition belongs to one param group; its padding is 0 and stays 0).
+            flat.mul_(shrink)
+
+
+def _decay_kind(inner: Any, group: dict) -> str:
+    """``"none"``, ``"decoupled"`` (AdamW form, taken over by the wrapper) or ``"coupled"`` (L2 in the gradient).
+
+    Raises ConfigError for an optimizer that decays in a way this wrapper cannot tell.
+    """
+    import torch
+
+    wd = group.get("weight_decay", 0.0)
+    if not wd:
+        return "none"
+    if isinstance(inner, torch.optim.AdamW) or group.get("decoupled_weight_decay") is True:
+        return "decoupled"  # torch AdamW; Adam/NAdam/RAdam(decoupled_weight_decay=True)
+    mode = getattr(inner, "adam_w_mode", None)  # DeepSpeed FusedAdam / DeepSpeedCPUAdam
+    if mode is not None:
+        return "decoupled" if bool(mode) else "coupled"
+    coupled = (torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adamax,
+               torch.optim.NAdam, torch.optim.RAdam, torch.optim.ASGD)
+    if isinstance(inner, coupled):
+        return "coupled"
+    raise ConfigError(f"merging: cannot tell how {type(inner).__name__} applies weight_decay (the merge needs "
+                      "a decoupled AdamW-style decay it can apply after the merged update, or an L2 term in the "
+                      "gradient); use an AdamW optimizer (optim: adamw_torch) or weight_decay: 0")
+
+
+def _shrink_factor(inner: Any, group: dict) -> float | None:
+    """``1 - lr * weight_decay`` for a group whose decoupled decay the wrapper applies, else None."""
+    if _decay_kind(inner, group) != "decoupled":
+        return None
+    return 1.0 - float(group["lr"]) * float(group["weight_decay"])
 
 
 _CLASS: list = []

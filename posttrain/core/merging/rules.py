@@ -21,11 +21,16 @@ METHODS = ("ondare", "onties")
 # ---------------------------------------------------------------- pure rules
 
 def _kept_count(numel: int, keep_rate: float) -> int:
-    return min(numel, max(1, int(round(keep_rate * numel)))) if numel else 0
+    # The reference's count (online_merging/optimizers.py, OTAdamW.magnitude_mask_): k = int(p * n),
+    # and a tensor with k < 1 is not sparsified at all (kept whole), e.g. a small bias at p = 1e-2.
+    if keep_rate >= 1:
+        return numel
+    k = int(keep_rate * numel)
+    return numel if k < 1 else k
 
 
-def topk_mask(x: "torch.Tensor", keep_rate: float) -> "torch.Tensor":
-    """Boolean mask of the ``round(keep_rate * numel)`` (at least 1) entries of ``x`` largest in magnitude."""
+def topk_mask(x: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """Boolean mask of the ``int(keep_rate * numel)`` entries of ``x`` largest in magnitude (all when that is 0)."""
     import torch
 
     flat = x.reshape(-1)
@@ -38,7 +43,7 @@ def topk_mask(x: "torch.Tensor", keep_rate: float) -> "torch.Tensor":
     return mask.view_as(x)
 
 
-def dare_mask(x: "torch.Tensor", keep_rate: float, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+def dare_mask(x: torch.Tensor, keep_rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean Bernoulli(keep_rate) mask shaped like ``x`` (all True when keep_rate is 1)."""
     import torch
 
@@ -47,18 +52,21 @@ def dare_mask(x: "torch.Tensor", keep_rate: float, generator: "torch.Generator |
     return torch.rand(x.shape, generator=generator, device=x.device) < keep_rate
 
 
-def merged_update(delta: "torch.Tensor", tau: "torch.Tensor | SparseTau", *, method: str, keep_rate: float,
-                  alpha: float, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+def merged_update(delta: torch.Tensor, tau: torch.Tensor | SparseTau, *, method: str, keep_rate: float,
+                  alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The update to add to a parameter instead of the base optimizer's ``delta``.
 
     ``tau`` is the already sparsified reference delta: a dense tensor shaped like
     ``delta`` (zeros where dropped) or a ``SparseTau`` over ``delta``'s flat
     entries (same result, without materialising the zeros). ``keep_rate == 1``
     is deterministic: OnDARE returns ``alpha*tau + (1-alpha)*delta``; OnTIES
-    keeps per entry the terms whose sign agrees with ``sign(tau + delta)``,
-    weighted by ``alpha`` and ``1-alpha``. With ``keep_rate < 1`` OnDARE drops
-    entries of ``delta`` at random (``generator``) and rescales the kept ones by
-    ``1/keep_rate``; OnTIES keeps the top ``keep_rate`` fraction of ``delta`` by magnitude.
+    keeps per entry the terms whose sign agrees with the elected sign of
+    ``tau + delta`` (``+`` where the sum is 0, as in the reference), weighted by
+    ``alpha`` and ``1-alpha``. With ``keep_rate < 1`` OnDARE drops entries of
+    ``delta`` at random (``generator``) and rescales the kept ones by
+    ``1/keep_rate``; OnTIES keeps the ``int(keep_rate * numel)`` entries of
+    ``delta`` largest in magnitude (all of them when that is 0). Weight decay is
+    not part of this rule: the wrapper applies it after the merged update.
     """
     import torch
 
@@ -81,7 +89,7 @@ def merged_update(delta: "torch.Tensor", tau: "torch.Tensor | SparseTau", *, met
             d = torch.empty_like(d).bernoulli_(keep_rate, generator=generator).mul_(d).mul_(1.0 / keep_rate)
         if not sparse:
             return (alpha * tau.to(device=d.device, dtype=torch.float32) + (1 - alpha) * d).to(out_dtype)
-        out = d.mul((1 - alpha)).reshape(-1)
+        out = d.mul(1 - alpha).reshape(-1)
         out.index_add_(0, tau.indices.to(device=d.device, dtype=torch.long),
                        tau.values.to(device=d.device, dtype=torch.float32), alpha=alpha)
         return out.view(delta.shape).to(out_dtype)
@@ -89,21 +97,24 @@ def merged_update(delta: "torch.Tensor", tau: "torch.Tensor | SparseTau", *, met
         d = d * topk_mask(d, keep_rate)
     if not sparse:
         return _elect(tau.to(device=d.device, dtype=torch.float32), d, alpha).to(out_dtype)
-    # Where tau is 0 the elected sign is delta's own, so delta is kept whole: elect on tau's entries only.
+    # Where tau is 0 the elected sign is delta's own (or delta is 0), so delta is kept whole there:
+    # elect on tau's entries only.
     out = d.mul(1 - alpha).reshape(-1)
     idx = tau.indices.to(device=d.device, dtype=torch.long)
     out[idx] = _elect(tau.values.to(device=d.device, dtype=torch.float32), d.reshape(-1)[idx], alpha)
     return out.view(delta.shape).to(out_dtype)
 
 
-def _elect(t: "torch.Tensor", d: "torch.Tensor", alpha: float) -> "torch.Tensor":
-    """TIES sign election: ``alpha*t*[t agrees] + (1-alpha)*d*[d agrees]`` with the sign of ``t + d``."""
-    s = (t + d).sign_()
+def _elect(t: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
+    """TIES sign election: ``alpha*t*[t agrees] + (1-alpha)*d*[d agrees]`` with the elected sign of ``t + d``."""
+    import torch
+
+    # The reference elects + where t + d == 0 (OTAdamW.step: (sum >= 0) * 2 - 1), so of two
+    # opposite terms that cancel exactly, the positive one is kept.
+    s = torch.where((t + d) >= 0, 1.0, -1.0).to(t.dtype)
     # x agrees with s exactly when x*s > 0 (a zero term contributes nothing either way)
     out = (t * s).gt_(0).mul_(t).mul_(alpha)
     return out.addcmul_((d * s).gt_(0), d, value=1 - alpha)
-
-
 
 
 def _is_sparse(tau: object) -> bool:

@@ -3,7 +3,8 @@
 Input: two HF checkpoint folders (safetensors or pytorch_model*.bin) or full tensors.
 Output: ``{parameter name: SparseTau}`` (int32 flat indices + fp32 values, about
 ``2 * keep_rate`` of the fp32 parameter memory), built tensor by tensor so no second full
-model is ever held.
+model is ever held. OnDARE's tau is the DARE-rescaled ``tau / p`` clamped to ``[-TAU_CLIP, TAU_CLIP]``;
+OnTIES's tau is the top-p entries unscaled and unclamped (both as in the reference implementation).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from posttrain.core.merging.rules import METHODS, dare_mask, topk_mask
 if TYPE_CHECKING:
     import torch
 
+# The reference (online_merging/optimizers.py, ODAdamW.init_ref_param_diff, clip_val=1) clamps
+# OnDARE's rescaled tau to [-1, 1] (a stability guard: 1/p can blow tau up); its OnTIES tau is not clamped.
+TAU_CLIP = 1.0
+
 # ---------------------------------------------------------------- sparse tau
 
 @dataclass
@@ -26,8 +31,8 @@ class SparseTau:
     """A flat sparse vector of ``numel`` entries: ``values`` at ``indices`` (dense when ``indices`` is None)."""
 
     numel: int
-    indices: "torch.Tensor | None"
-    values: "torch.Tensor"
+    indices: torch.Tensor | None
+    values: torch.Tensor
 
     def nbytes(self) -> int:
         """Bytes held (indices + values)."""
@@ -36,7 +41,7 @@ class SparseTau:
             n += self.indices.numel() * self.indices.element_size()
         return n
 
-    def dense(self, device=None) -> "torch.Tensor":
+    def dense(self, device=None) -> torch.Tensor:
         """The flat fp32 dense vector (a temporary the size of the slice)."""
         import torch
 
@@ -46,7 +51,7 @@ class SparseTau:
         out[self.indices.to(device=device, dtype=torch.long)] = self.values.to(device=device, dtype=torch.float32)
         return out
 
-    def slice(self, start: int, length: int) -> "SparseTau":
+    def slice(self, start: int, length: int) -> SparseTau:
         """Entries in ``[start, start+length)``, re-indexed from 0 (a rank's slice of a parameter)."""
         if start == 0 and length == self.numel:
             return self
@@ -56,21 +61,27 @@ class SparseTau:
         return SparseTau(length, (self.indices[sel] - start).to(self.indices.dtype), self.values[sel].clone())
 
 
-def sparsify(tau: "torch.Tensor", method: str, keep_rate: float, generator: "torch.Generator | None" = None) -> SparseTau:
-    """Sparsify a full tau once: DARE (random mask, kept values rescaled by 1/p) or TIES (top-p by magnitude)."""
+def sparsify(tau: torch.Tensor, method: str, keep_rate: float, generator: torch.Generator | None = None) -> SparseTau:
+    """Sparsify a full tau once.
+
+    OnDARE: random Bernoulli(p) mask, kept values rescaled by 1/p, then clamped to
+    ``[-TAU_CLIP, TAU_CLIP]`` (also when p is 1). OnTIES: the ``int(p * numel)`` entries
+    largest in magnitude (all when that is 0), unscaled.
+    """
     import torch
 
+    if method not in METHODS:
+        raise ValueError(f"sparsify: method must be one of {METHODS}, got {method!r}")
     flat = tau.detach().reshape(-1).float()
     if keep_rate >= 1:
-        return SparseTau(flat.numel(), None, flat.clone())
+        vals = flat.clamp(-TAU_CLIP, TAU_CLIP) if method == "ondare" else flat.clone()
+        return SparseTau(flat.numel(), None, vals)
     if method == "ondare":
         keep = dare_mask(flat, keep_rate, generator)
-        vals = flat[keep] / keep_rate
-    elif method == "onties":
+        vals = (flat[keep] / keep_rate).clamp_(-TAU_CLIP, TAU_CLIP)
+    else:
         keep = topk_mask(flat, keep_rate)
         vals = flat[keep]
-    else:
-        raise ValueError(f"sparsify: method must be one of {METHODS}, got {method!r}")
     idx_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
     idx = keep.nonzero().squeeze(1).to(idx_dtype)
     return SparseTau(flat.numel(), idx, vals.contiguous())
@@ -81,7 +92,7 @@ def _name_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def sparsify_all(taus: Iterable[tuple[str, "torch.Tensor"]], method: str, keep_rate: float, seed: int = 0) -> dict[str, SparseTau]:
+def sparsify_all(taus: Iterable[tuple[str, torch.Tensor]], method: str, keep_rate: float, seed: int = 0) -> dict[str, SparseTau]:
     """Sparsify each named full tau with a mask seeded by (seed, name)."""
     import torch
 
@@ -94,7 +105,7 @@ def sparsify_all(taus: Iterable[tuple[str, "torch.Tensor"]], method: str, keep_r
 
 # ---------------------------------------------------------------- tau from checkpoints
 
-def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, "torch.Tensor"]]:
+def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from a HF model folder's safetensors (or pytorch_model*.bin) one at a time."""
     import torch
 
@@ -190,7 +201,7 @@ class _Checkpoint:
             self._shard = (f, torch.load(f, map_location="cpu", weights_only=True))
         return self._shard[1]
 
-    def get(self, key: str) -> "torch.Tensor":
+    def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``."""
         f = self.index[key]
         if not self.safetensors:

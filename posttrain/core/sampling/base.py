@@ -166,7 +166,7 @@ def make_sampler(cfg: SamplerConfig, model: str | None = None, tokenizer: str | 
         return VLLMSampler(model, tokenizer, cfg, chat_template=chat_template)
     from posttrain.core.sampling.openai_backend import OpenAISampler
 
-    return OpenAISampler(cfg, model=model, chat_template=chat_template)
+    return OpenAISampler(cfg, model=model, chat_template=chat_template, tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------- shared by the backends

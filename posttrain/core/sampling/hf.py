@@ -55,7 +55,10 @@ class HFSampler:
         self.cfg = cfg or SamplerConfig()
         self.device = resolve_device(self.cfg.device)
         if isinstance(model, str):
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(self.cfg.dtype, self.device))
+            from posttrain.core.distributed import plain_loading
+
+            with plain_loading():  # a sampler's model is never partitioned by a live ZeRO-3 trainer
+                self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(self.cfg.dtype, self.device))
             self.model.to(self.device)
         else:
             self.model = model
@@ -115,8 +118,14 @@ class HFSampler:
                         g.manual_seed((s * 1_000_003 + j) % (2**63))
                     gens.append(g)
             kwargs["logits_processor"] = LogitsProcessorList([_row_sampler(gens, params.temperature, params.top_p)])
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        # generate() fills every setting left unset in gcfg from model.generation_config (a Qwen2 checkpoint's
+        # repetition_penalty 1.1, top_k 20, ...); a blank one stands in for it during the call.
+        own, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        finally:
+            self.model.generation_config = own
         gen = out.sequences[:, width:].cpu()
         lps = token_logprobs(torch.stack(out.logits, dim=1).cpu(), gen) if params.logprobs else None
         eos = set(self.eos_ids)

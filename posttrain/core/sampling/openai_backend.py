@@ -7,7 +7,9 @@ prompt's seed. Output:
 with ``return_token_ids``). All prompts of a call are sent concurrently, at
 most ``max_concurrency`` requests in flight. 429, 5xx, timeouts and dropped
 connections are retried with exponential backoff (``Retry-After`` honoured);
-other 4xx answers are errors that quote the server's message.
+other 4xx answers are errors that quote the server's message. A vLLM server cuts a stop
+string from the text but not from the token ids; they are cut here with the model's tokenizer
+(``trim_at_stop``), or dropped when it cannot be loaded, so the ids always match the text.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import httpx
 
 from collections.abc import Sequence
 
-from posttrain.core.sampling.base import Completion, Messages, SamplerConfig, SamplingParams, prompt_seeds
+from posttrain.core.sampling.base import (Completion, Messages, SamplerConfig, SamplingParams, prompt_seeds,
+                                          trim_at_stop)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -35,8 +38,11 @@ class OpenAISampler:
 
     name = "openai"
 
-    def __init__(self, cfg: SamplerConfig, model: str | None = None, chat_template: str | None = None):
+    def __init__(self, cfg: SamplerConfig, model: str | None = None, chat_template: str | None = None,
+                 tokenizer: str | None = None):
         self.cfg = cfg
+        self.tokenizer_name = tokenizer or model  # only to cut the token ids of a stop string
+        self._tokenizer = None
         self.chat_template = chat_template
         self.model = cfg.served_model_name or model
         if not self.model:
@@ -86,17 +92,34 @@ class OpenAISampler:
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _parse(resp: dict, params: SamplingParams) -> list[Completion]:
+    def _parse(self, resp: dict, params: SamplingParams) -> list[Completion]:
         out = []
         for ch in sorted(resp["choices"], key=lambda c: c.get("index", 0)):
             lps = None
             if params.logprobs and ch.get("logprobs") and ch["logprobs"].get("content") is not None:
                 lps = [t["logprob"] for t in ch["logprobs"]["content"]]
             finish = "length" if ch.get("finish_reason") == "length" else "stop"
-            out.append(Completion(text=ch["message"].get("content") or "", token_ids=list(ch.get("token_ids") or []),
-                                  finish_reason=finish, logprobs=lps))
+            text, ids = ch["message"].get("content") or "", list(ch.get("token_ids") or [])
+            if ids and isinstance(ch.get("stop_reason"), str):  # a stop string: vLLM cut the text, not the ids
+                ids, text = self._cut_at_stop(ids, text, ch["stop_reason"])
+                lps = lps[: len(ids)] if lps is not None else None
+            out.append(Completion(text=text, token_ids=ids, finish_reason=finish, logprobs=lps))
         return out
+
+    def _cut_at_stop(self, ids: list[int], text: str, stop: str) -> tuple[list[int], str]:
+        """The ids (and their text) before ``stop``; no ids when the tokenizer cannot be loaded."""
+        if self._tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            except Exception:  # noqa: BLE001 - a served name that is no local folder or cached hub id
+                self._tokenizer = False
+        if self._tokenizer is False:
+            return [], text
+        ids, text, _ = trim_at_stop(ids, text + stop, [stop],
+                                    lambda x: self._tokenizer.decode(x, skip_special_tokens=True))
+        return ids, text
 
     def generate(self, prompts: list[Messages], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[list[Completion]]:

@@ -1,0 +1,72 @@
+"""Bad recipes and overrides get one clear line naming the file and key, exit 2, no traceback (issue 15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+
+OK = """output_dir: {out}
+model: {{path: {model}}}
+stages:
+  - kind: sft
+    input: {data}
+    train: {{max_steps: 1}}
+"""
+
+BOMB = ("description: &a [x, x, x, x, x, x, x, x, x]\noutput_dir: x\nstages:\n - &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+        " - &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n - &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n - &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+        " - &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n - &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\n - [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n")
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model_dir) -> Path:
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "sft_sample.jsonl"
+    p = tmp_path / "r.yaml"
+    p.write_text(OK.format(out=tmp_path / "out", model=tiny_model_dir, data=data))
+    return p
+
+
+def _one_line_error(capsys, argv: list[str], *needles: str) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("seed", ("override 'seed'", "KEY.PATH=VALUE")),
+    ("stages.sft.train.max_steps=99999999999999999999999", ("stages[0].train.max_steps", "out of range")),
+    ("stages.sft.train.learning_rate=.nan", ("stages[0].train.learning_rate", "finite")),
+    ("stages.sft.train.learning_rate=1e400", ("stages[0].train.learning_rate", "finite")),
+    ("stages.sft.train.learning_rate=nan", ("stages[0].train.learning_rate", "expected a number")),
+    ("stages.sft.train.per_device_train_batch_size=0", ("stages[0].train", ">= 1")),
+    ("stages.sft.nonsense=1", ("stages[0]", "nonsense")),
+    ("stages=[]", ("no stages",)),
+])
+def test_bad_override_is_one_line(capsys, recipe, override, needles):
+    _one_line_error(capsys, ["validate", str(recipe), override], str(recipe.name), *needles)
+
+
+def test_the_good_recipe_validates(capsys, recipe):
+    assert main(["validate", str(recipe)]) == 0
+
+
+@pytest.mark.parametrize("content, needles", [
+    (b"output_dir: x\xff\xfe\nstages: []\n", ("r.yaml:1", "not UTF-8")),
+    (b"output_dir: x\nstages: []\n", ("no stages",)),
+    (b"output_dir: x\nstages:\n", ("stages: expected a list",)),
+    (BOMB.encode(), ("more than 200,000 values",)),
+    (b"output_dir: x\nstages: [\n", ("YAML syntax error",)),
+    (b"- just\n- a list\n", ("must be a mapping",)),
+])
+def test_bad_recipe_file_is_one_line(capsys, tmp_path, content, needles):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(content)
+    _one_line_error(capsys, ["validate", str(p)], "r.yaml", *needles)
+    _one_line_error(capsys, ["run", str(p)], "r.yaml", *needles)
