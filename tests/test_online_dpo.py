@@ -305,3 +305,19 @@ def test_two_processes_deepspeed_zero2_zero3_with_merging(tiny_model_dir, tmp_pa
         start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         assert max((a - b).abs().max().item() for a, b in zip(moved.parameters(), start.parameters())) > 1e-4
     assert first[2] == first[3]  # the same prompts sampled by the same ranks before any update
+
+
+def test_learning_rate_follows_the_shared_schedule(tiny_model_dir, tmp_path):
+    """Online DPO uses the shared training section: warm-up, then decay from the peak to the floor over the planned
+    optimizer steps (it once had a constant learning rate of its own)."""
+    from posttrain.core.trainkit import lr_at
+
+    r = _recipe(tmp_path, tiny_model_dir, episodes=3, prompts_per_episode=4,
+                train={"learning_rate": 1e-3, "min_learning_rate": 1e-4, "lr_schedule": "linear", "warmup_steps": 1})
+    res = r.run()
+    lrs = [x["lr"] for x in _metrics(tmp_path)]
+    sched = res["online_dpo"]["summary"]["schedule"]
+    assert sched == {"planned_steps": 3, "lr_schedule": "linear"}  # one optimizer step per episode here
+    train = r.stages[0].config.train
+    assert lrs == pytest.approx([lr_at(train, i, 3) for i in range(3)], rel=1e-9)
+    assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-4)  # warm-up, peak, floor

@@ -158,3 +158,39 @@ def test_openai_retries_on_429_and_5xx():
             s2.generate(PROMPTS[:1], SamplingParams(max_tokens=4))
     finally:
         srv.shutdown()
+
+
+def test_recipe_chat_template_reaches_every_backend_and_eval(tiny_model_dir, tmp_path, monkeypatch):
+    """The recipe's tokenizer.chat_template is what every sampler renders (it once reached only SFT)."""
+    from posttrain.core.runtime import SamplerPool, StageContext
+    from posttrain.core.sampling.base import SamplerConfig, render_prompts
+    from posttrain.evaluation import evaluate as ev
+    from posttrain.stages import recipe_from_dict
+
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<<assistant>> {% endif %}")
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": "a", "prompt": [{"role": "user", "content": "hi"}], "meta": {"answer": "1"}}\n')
+    r = recipe_from_dict({"output_dir": str(tmp_path / "run"), "model": {"path": str(tiny_model_dir)},
+                          "tokenizer": {"chat_template": str(tmpl)},
+                          "stages": [{"kind": "eval", "input": str(data), "checkpoints": [str(tiny_model_dir)],
+                                      "max_tokens": 4}]}, tmp_path / "r.yaml")
+    ctx = StageContext(recipe=r, spec=r.stages[0], out_dir=tmp_path / "run" / "eval", samplers=SamplerPool())
+    assert ctx.chat_template == tmpl.read_text()
+    prompt = [[{"role": "user", "content": "hi"}]]
+    hf = ctx.sampler(SamplerConfig(backend="hf"))
+    want = render_prompts(hf.tokenizer, prompt, tmpl.read_text())
+    assert hf.encode(prompt) == want != render_prompts(hf.tokenizer, prompt)
+    oa = ctx.sampler(SamplerConfig(backend="openai", base_url="http://127.0.0.1:9/v1"))
+    assert oa.chat_template == tmpl.read_text()  # sent with every request (vLLM servers honour it)
+    seen = []
+    real = ev.make_sampler
+
+    def spy(cfg, **kw):
+        seen.append(kw.get("chat_template"))
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(ev, "make_sampler", spy)
+    ev.run(r.stages[0].config, ctx)
+    assert seen and all(t == tmpl.read_text() for t in seen)
