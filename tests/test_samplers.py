@@ -194,3 +194,23 @@ def test_recipe_chat_template_reaches_every_backend_and_eval(tiny_model_dir, tmp
     monkeypatch.setattr(ev, "make_sampler", spy)
     ev.run(r.stages[0].config, ctx)
     assert seen and all(t == tmpl.read_text() for t in seen)
+
+
+def test_per_prompt_seeds_make_samples_independent_of_chunking(hf_sampler):
+    """Each prompt carries its own seed: a prompt's completions do not depend on the chunk it lands in or its
+    position there, and two prompts at the same position of two chunks do not share a random sequence."""
+    from posttrain.core.sampling.base import SamplingParams
+
+    prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in ("cats", "rain", "maps", "tea")]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=10)
+    seeds = [101, 102, 103, 104]
+    texts = lambda outs: [[c.text for c in cs] for cs in outs]  # noqa: E731
+    whole = texts(hf_sampler.generate(prompts, params, seeds=seeds))
+    chunks = texts(hf_sampler.generate(prompts[:2], params, seeds=seeds[:2])
+                   + hf_sampler.generate(prompts[2:], params, seeds=seeds[2:]))
+    reordered = texts(hf_sampler.generate(prompts[::-1], params, seeds=seeds[::-1]))[::-1]
+    assert whole == chunks == reordered
+    same_prompt = [prompts[0], prompts[0]]
+    a, b = texts(hf_sampler.generate(same_prompt, params, seeds=[7, 8]))
+    assert a != b  # different seeds, different samples, even for the same prompt in the same call
+    assert whole[0][0] != whole[0][1]  # the n samples of one prompt differ too
