@@ -70,3 +70,17 @@ def test_bad_recipe_file_is_one_line(capsys, tmp_path, content, needles):
     p.write_bytes(content)
     _one_line_error(capsys, ["validate", str(p)], "r.yaml", *needles)
     _one_line_error(capsys, ["run", str(p)], "r.yaml", *needles)
+
+
+@pytest.mark.parametrize("stage, needle", [
+    ({"label_smoothing": 0.1}, "label_smoothing has no effect with loss_type ['sigmoid']"),
+    ({"loss_type": ["nonsense"]}, "loss_type: unknown 'nonsense'"),
+])
+def test_dpo_keys_without_effect_or_unknown_to_trl_are_refused(capsys, tmp_path, tiny_model_dir, stage, needle):
+    import yaml
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "preference_sample.jsonl"
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
+                                 "stages": [{"kind": "dpo", "input": str(data), **stage}]}))
+    _one_line_error(capsys, ["validate", str(p)], "r.yaml: stages[0]", needle)
