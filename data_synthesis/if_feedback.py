@@ -77,6 +77,7 @@ from typing import Any
 from data_synthesis.common import (CHUNK_DOC, DEFAULT_CHUNK_SIZE, FLOOR_DOC, check_success, extract_json, lazy_sampler,
                                    map_step, norm_text, sample_step, step_path, unique_ids)
 from posttrain.core.config import key
+from posttrain.core.datafiles import iter_jsonl
 from posttrain.core.inputs import InputSpec
 from posttrain.core.records import demonstration, preference, record_id, to_chat_prompt, write_records
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams
@@ -147,13 +148,8 @@ def load_seeds(path: str | Path) -> list[dict]:
     """Read seed constraints; errors are one line naming the file, line and key."""
     p = Path(path)
     out, seen = [], set()
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: invalid JSON ({e.msg})") from None
+    for where, d in iter_jsonl(p):
+        n = where.rsplit(":", 1)[1]
         if not isinstance(d, dict) or not isinstance(d.get("instruction"), str) or not d["instruction"].strip():
             raise ValueError(f"{p}:{n}: 'instruction' must be a non-empty string")
         funcs = d.get("functions", [])

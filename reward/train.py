@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 from posttrain.core.attention import CPU_VARLEN, register_sdpa_varlen
 from posttrain.core.config import key
-from posttrain.core.inputs import DataSection, InputSpec
+from posttrain.core.inputs import PreferenceInputs
 from posttrain.core.inputs import input_label as _label
 from posttrain.core.devices import torch_dtype
 from posttrain.core.distributed import barrier, is_main_process, setup_distributed
@@ -65,12 +65,9 @@ def _reward_train_defaults() -> TrainArgs:
 
 
 @dataclass
-class RewardStageConfig:
+class RewardStageConfig(PreferenceInputs):
     """Stage ``reward``: Bradley-Terry reward model (sequence-classification head) on preference records."""
 
-    input: InputSpec = key(doc="preference records (file or @stage)", input="preference")
-    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
-    eval_input: InputSpec | None = key(None, "held-out preferences; unset: split eval_fraction off input", input="preference")
     eval_fraction: float = key(0.1, "share of input held out when eval_input is unset (0: no held-out eval)")
     split_by: Literal["prompt", "row"] = key("prompt", "held-out unit: whole prompts (no prompt in both) or rows")
     model: str | None = key(None, "starting model: policy/SFT folder or a reward folder (default: recipe model.path)",
@@ -91,8 +88,7 @@ class RewardStageConfig:
 
     def check(self) -> None:
         """Cross-field rules."""
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError("eval_fraction must be in [0, 1)")
+        self.check_inputs()
         if self.max_length < 8:
             raise ValueError("max_length must be >= 8")
         for b in self.breakdown:

@@ -321,3 +321,52 @@ def test_learning_rate_follows_the_shared_schedule(tiny_model_dir, tmp_path):
     train = r.stages[0].config.train
     assert lrs == pytest.approx([lr_at(train, i, 3) for i in range(3)], rel=1e-9)
     assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-4)  # warm-up, peak, floor
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_recipe_chat_template_reaches_online_dpo(tiny_model_dir, tmp_path, monkeypatch, backend):
+    """The recipe's tokenizer.chat_template renders both what the sampler generates from and the prompt part
+    of every trained sequence (it once reached only SFT; online DPO used the tokenizer folder's template)."""
+    from transformers import AutoTokenizer
+
+    if backend == "vllm":
+        pytest.importorskip("vllm")
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<<assistant>> {% endif %}")
+    stage = {"episodes": 1, "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 8}}
+    if backend == "vllm":
+        stage["sampler"] = {"backend": "vllm", "max_model_len": 512, "cpu_kv_cache_gb": 1}
+    r = _recipe(tmp_path, tiny_model_dir, **stage)
+    raw = dict(r.raw, tokenizer={"chat_template": str(tmpl)})
+    r = recipe_from_dict(raw, tmp_path / "r.yaml")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def want(prompt):
+        return list(tok.apply_chat_template(prompt, chat_template=tmpl.read_text(), add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"])
+
+    seen: dict = {"train": []}
+    real_make, real_ids = online_loop.OnlineDPOLoop._make_sampler, online_loop.OnlineDPOLoop._ids
+
+    def spy_make(self):
+        real_make(self)
+        seen["sampler"] = (self.sampler.name, self.sampler.encode([self.prompts[0]])[0], want(self.prompts[0]))
+
+    def spy_ids(self, prompt, c):
+        ids, n = real_ids(self, prompt, c)
+        seen["train"].append((ids[:n], want(prompt)))
+        return ids, n
+
+    monkeypatch.setattr(online_loop.OnlineDPOLoop, "_make_sampler", spy_make)
+    monkeypatch.setattr(online_loop.OnlineDPOLoop, "_ids", spy_ids)
+    r.run()
+    name, got, expected = seen["sampler"]
+    assert name == backend and got == expected
+    default = list(tok.apply_chat_template(PROMPTS_AS_MESSAGES[0], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"])
+    assert want(PROMPTS_AS_MESSAGES[0]) != default  # the template really differs from the folder's
+    assert seen["train"] and all(a == b for a, b in seen["train"])
+
+
+PROMPTS_AS_MESSAGES = [[{"role": "user", "content": t}] for t in PROMPTS]

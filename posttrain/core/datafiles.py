@@ -27,6 +27,7 @@ Splits: a ``DatasetDict`` or hub dataset gives the split named by ``split``; wit
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import Iterator
@@ -62,9 +63,10 @@ def _decode(raw: bytes, path: Path, n: int) -> str:
                           "re-encode the file as UTF-8") from None
 
 
-def iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
-    """``(FILE:LINE, value)`` of each non-blank line (see the module docstring)."""
-    with open(path, "rb") as f:
+def iter_jsonl(path: Path, max_line_bytes: int = 16 * MB) -> Iterator[tuple[str, Any]]:
+    """``(FILE:LINE, value)`` of each non-blank line (see the module docstring); ``*.gz`` is decompressed."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         n = 0
         first = True
         while True:

@@ -98,6 +98,22 @@ class Source:
 InputSpec = str | list[Source]
 
 
+@dataclass
+class PreferenceInputs:
+    """The inputs of a stage that trains on preference pairs (dpo, reward); their keys come first."""
+
+    input: InputSpec = key(doc="preference records (file, folder, mixture or @stage)", input="preference")
+    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
+    eval_input: InputSpec | None = key(None, "held-out preference records; unset: split eval_fraction off input",
+                                       input="preference")
+    eval_fraction: float = key(0.0, "without eval_input: hold out this fraction of input (seeded) for evaluation")
+
+    def check_inputs(self) -> None:
+        """The held-out share is a fraction that leaves training rows."""
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+
+
 def input_label(spec: InputSpec) -> str:
     """How messages name an input: its path, or the paths of a mixture."""
     return spec if isinstance(spec, str) else "mixture[" + ", ".join(s.path for s in spec) + "]"

@@ -19,13 +19,13 @@ Where each set comes from (no model or data set hub is used):
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+from posttrain.core.datafiles import iter_jsonl
 from posttrain.core.errors import BadInput, RecordError
 
 GENERATED_SIZE = 100  # items of a generated benchmark when no limit is given
@@ -77,19 +77,11 @@ def _rows(path: str) -> list[tuple[int, dict]]:
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"{path}: benchmark data file not found")
-    opener = gzip.open if p.suffix == ".gz" else open
     out = []
-    with opener(p, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RecordError(f"{path}:{i}: expected a JSON object")
-            out.append((i, row))
+    for where, row in iter_jsonl(p):
+        if not isinstance(row, dict):
+            raise RecordError(f"{where}: expected a JSON object")
+        out.append((int(where.rsplit(":", 1)[1]), row))
     if not out:
         raise BadInput(f"{path}: no benchmark items")
     return out
@@ -146,16 +138,28 @@ def mbpp_items(data: str, limit: int | None) -> list[Item]:
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
+def _scalar(value: Any) -> str | None:
+    """A reference answer given as a non-blank string or a number (not a bool), as text; else None."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
+        return str(value)
+    return None
+
+
+def _problem_rows(data: str, limit: int | None, question: str) -> Iterator[tuple[int, dict, str]]:
+    """(line, row, FILE:LINE) of the first ``limit`` rows of a math file, each with a string ``question`` field."""
+    for i, row in _rows(data)[:limit]:
+        _need(row, (question,), f"{data}:{i}")
+        yield i, row, f"{data}:{i}"
+
+
 def gsm8k_items(data: str, limit: int | None) -> list[Item]:
     """GSM8K problems from a local file; the reference is the number after ``####``."""
     items = []
-    for i, row in _rows(data)[:limit]:
-        where = f"{data}:{i}"
-        _need(row, ("question",), where)
-        ans = row.get("answer")
-        if not isinstance(ans, (str, int, float)) or isinstance(ans, bool) or not str(ans).strip():
+    for i, row, where in _problem_rows(data, limit, "question"):
+        ans = _scalar(row.get("answer"))
+        if ans is None:
             raise RecordError(f"{where}: missing field 'answer'")
-        items.append(Item(str(row.get("id", i)), row["question"] + MATH_SUFFIX, {"answer": str(ans)}))
+        items.append(Item(str(row.get("id", i)), row["question"] + MATH_SUFFIX, {"answer": ans}))
     return items
 
 
@@ -176,11 +180,8 @@ def math_items(data: str, limit: int | None) -> list[Item]:
     from reward.answers import extract_boxed
 
     items = []
-    for i, row in _rows(data)[:limit]:
-        where = f"{data}:{i}"
-        _need(row, ("problem",), where)
-        ans = row.get("answer")
-        ref = str(ans) if isinstance(ans, (str, int, float)) and not isinstance(ans, bool) else None
+    for i, row, where in _problem_rows(data, limit, "problem"):
+        ref = _scalar(row.get("answer"))
         if ref is None and isinstance(row.get("solution"), str):
             ref = extract_boxed(row["solution"])
         if not ref or not ref.strip():

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from posttrain.core.config import key
-from posttrain.core.inputs import DataSection, InputSpec
+from posttrain.core.inputs import PreferenceInputs
 from posttrain.core.inputs import input_label as _label
 from posttrain.core.distributed import is_main_process, setup_distributed
 from posttrain.core.errors import BadInput
@@ -64,13 +64,9 @@ class DPOTrainArgs(TrainArgs):
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(PreferenceInputs):
     """Stage ``dpo``: offline DPO on preference pairs (sigmoid loss by default)."""
 
-    input: InputSpec = key(doc="preference records (file or @stage)", input="preference")
-    data: DataSection = key(factory=DataSection, doc="checks on the input rows: line size, share of unusable rows")
-    eval_input: InputSpec | None = key(None, "held-out preference records", input="preference")
-    eval_fraction: float = key(0.0, "without eval_input: hold out this fraction of input (seeded) for evaluation")
     model: str | None = key(None, "starting policy (default: recipe model.path)", model=True)
     ref_model: str | None = key(None, "reference model (default: the starting policy)", model=True)
     beta: float = key(0.1, "KL strength (DPO's beta)")
@@ -92,8 +88,7 @@ class DPOStageConfig:
 
     def check(self, given: frozenset[str] = frozenset()) -> None:
         """Cross-field rules; a key that would have no effect is an error."""
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError("eval_fraction must be in [0, 1)")
+        self.check_inputs()
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         bad = [t for t in self.loss_type if t not in TRL_LOSS_TYPES]
