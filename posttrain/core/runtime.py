@@ -82,7 +82,8 @@ class StageContext:
 
     @property
     def run_name(self) -> str:
-        """``RUN-STAGE`` (RUN = the output folder's name): the tracker run name; RUN is its group."""
+        """``RUN-STAGE`` (RUN = the output folder's name): the HF Trainer's ``run_name`` (W&B runs are named per
+        recipe run and grouped by stage instead: ``posttrain.core.tracking.run_identity``)."""
         return f"{Path(self.recipe.file.output_dir).name}-{self.spec.name}"
 
     def resolve(self, value: str | None) -> str | None:

@@ -12,15 +12,22 @@ Input: a stage config that has ``train: TrainArgs`` (and usually ``lora``, ``res
 * ``begin`` (the preamble: resolved DeepSpeed path, model, tokenizer with the recipe's chat
   template, resume checkpoint, seed, attention back-end, loss log) and ``finish`` (the
   epilogue: save, LoRA merge, clean-up, barrier, manifest summary);
-* loaders (``load_causal_lm``), ``save_final``, ``dataset_on_disk``, the loss-log and
-  TensorBoard callbacks. TensorBoard event files go to ``OUT/tensorboard`` (never under
-  ``checkpoints/``, which ``keep_checkpoints: false`` deletes).
+* loaders (``load_causal_lm``), ``save_final``, ``dataset_on_disk``, the loss-log callback;
+  the trackers (``report_to``: TensorBoard in ``OUT/<stage>/tensorboard``, W&B in
+  ``OUT/<stage>/wandb``, never under ``checkpoints/``, which ``keep_checkpoints: false`` deletes)
+  come from ``posttrain.core.tracking``: ``begin`` attaches them, ``finish`` ends the W&B run;
+* ``use_liger``: whether Liger's Triton kernels patch the model (``use_liger_kernel``; null = on
+  with a CUDA GPU and ``liger-kernel`` installed). Liger supplies the layer kernels (RMSNorm, RoPE,
+  SwiGLU); its fused linear cross-entropy stays off, because it would replace the model's forward:
+  the SFT/DPO loss stays TRL's chunked LM head (``loss: chunked``, no full logits), and a reward
+  model's forward stays a sequence classifier's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -36,11 +43,14 @@ from posttrain.core.config import key
 from posttrain.core.devices import torch_dtype
 from posttrain.core.distributed import (barrier, deepspeed_requested, distributed_info, is_main_process, on_gpu, plain_loading,
                                         setup_distributed)
+from posttrain.core.tracking import check_reporters, finish_wandb, hf_callbacks
 
 log = logging.getLogger("posttrain")
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPORTERS = ("tensorboard", "wandb")
+# TRL config fields that a key of the training section sets: in ``extra`` they would silently override it.
+OWNED_TRL_ARGS = ("report_to", "use_liger_kernel")
 
 
 # ---------------------------------------------------------------- recipe sections
@@ -60,8 +70,9 @@ class OptimArgs:
     adam_epsilon: float = key(1e-8, "AdamW epsilon")
     seed: int | None = key(None, "null: the recipe seed + stage index")
     report_to: list[str] = key(factory=lambda: ["tensorboard"],
-                               doc="trackers: tensorboard (OUT/<stage>/tensorboard), wandb (pip install "
-                                   "'qwen2-posttrain[wandb]'); [] for none")
+                               doc="trackers: tensorboard (OUT/<stage>/tensorboard), wandb (OUT/<stage>/wandb; pip "
+                                   "install 'qwen2-posttrain[wandb]'; one W&B name per recipe run, the stage as "
+                                   "group, the resolved recipe as config); [] for none")
 
     def check(self, given: frozenset[str] = frozenset()) -> None:
         """Cross-field rules; ``given`` are the keys the recipe set (a key without effect is an error)."""
@@ -74,6 +85,7 @@ class OptimArgs:
         bad = [r for r in self.report_to if r not in REPORTERS]
         if bad:
             raise ValueError(f"report_to: unknown tracker {bad[0]!r} (expected some of: {', '.join(REPORTERS)})")
+        check_reporters(self.report_to)  # at recipe load: a missing package fails before any stage trains
 
 
 @dataclass
@@ -94,6 +106,10 @@ class TrainArgs(OptimArgs):
     deepspeed: str | None = key(None, "DeepSpeed JSON (relative paths: from the recipe's folder); the one source of "
                                 "the ZeRO settings (the shipped accelerate configs name none)", input=True)
     dataloader_num_workers: int = key(0, "DataLoader workers")
+    use_liger_kernel: bool | None = key(None, "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU; pip install "
+                                        "'qwen2-posttrain[gpu]'). null: on when a CUDA GPU is present and "
+                                        "liger-kernel is installed; true elsewhere is an error. The LM-head loss "
+                                        "stays TRL's chunked one (Liger's fused linear cross-entropy stays off)")
     extra: dict[str, Any] = key(factory=dict, doc="passed verbatim to the TRL config class")
 
     def check(self, given: frozenset[str] = frozenset()) -> None:
@@ -101,6 +117,19 @@ class TrainArgs(OptimArgs):
         super().check(given)
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        owned = sorted(set(self.extra) & set(OWNED_TRL_ARGS))
+        if owned:
+            raise ValueError(f"extra.{owned[0]}: a key of this section sets it (use train.{owned[0]}, not train.extra)")
+        if self.use_liger_kernel:
+            # Checked at recipe load, so a recipe that cannot have its kernels fails before any stage runs.
+            if not on_gpu():
+                raise ValueError("use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton) and none is "
+                                 "visible; use null (on only where a GPU is present) or false")
+            if not liger_available():
+                raise ValueError("use_liger_kernel: true needs liger-kernel, which is not installed: "
+                                 "pip install 'qwen2-posttrain[gpu]' (or use null: on only where it is installed)")
+        elif self.use_liger_kernel is False and "liger_kernel_config" in self.extra:
+            raise ValueError("extra.liger_kernel_config has no effect with use_liger_kernel: false (remove it)")
 
 
 @dataclass
@@ -174,15 +203,36 @@ class ScheduleMixin:
 
 # ---------------------------------------------------------------- TRL config
 
+def liger_available() -> bool:
+    """True when ``liger_kernel`` can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("liger_kernel") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def use_liger(t: TrainArgs) -> bool:
+    """Whether Liger's kernels patch the model: ``use_liger_kernel``, or (null) a CUDA GPU with liger-kernel."""
+    if t.use_liger_kernel is not None:
+        return t.use_liger_kernel
+    return on_gpu() and liger_available()
+
+
 def trl_args(cls: type, t: TrainArgs, out_dir: Path, seed: int, run_name: str | None = None, **kw: Any) -> Any:
-    """Build a TRL config (SFTConfig/DPOConfig/RewardConfig) from ``TrainArgs`` with CPU-safe defaults."""
+    """Build a TRL config (SFTConfig/DPOConfig/RewardConfig) from ``TrainArgs`` with CPU-safe defaults.
+
+    Trackers are not passed to transformers (``report_to="none"``): ``begin`` attaches them as callbacks
+    (``posttrain.core.tracking.hf_callbacks``) with their own folders and W&B names.
+    """
     import torch
 
     gpu = on_gpu()
     bf16 = t.bf16 if t.bf16 is not None else bool(gpu and torch.cuda.is_bf16_supported())
     gc = t.gradient_checkpointing if t.gradient_checkpointing is not None else gpu
-    # TensorBoard is attached by ``tracking_callbacks`` (its own folder); HF's would write under checkpoints/.
-    others = [r for r in t.report_to if r != "tensorboard"]
+    liger = use_liger(t)
+    # Liger's fused linear cross-entropy would replace the model's forward: TRL's chunked LM head (SFT, DPO)
+    # would be dropped, and a reward model's classifier forward would become a causal LM's.
+    liger_cfg = {**(t.extra.get("liger_kernel_config") or {}), "fused_linear_cross_entropy": False} if liger else None
     args = dict(
         output_dir=str(out_dir / "checkpoints"), learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
@@ -192,11 +242,14 @@ def trl_args(cls: type, t: TrainArgs, out_dir: Path, seed: int, run_name: str | 
         optim=t.optim, bf16=bf16, gradient_checkpointing=gc, logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit, seed=seed, data_seed=seed, use_cpu=not gpu,
-        dataloader_num_workers=t.dataloader_num_workers, report_to=others or "none",
+        dataloader_num_workers=t.dataloader_num_workers, report_to="none",
         deepspeed=t.deepspeed, disable_tqdm=False, save_only_model=False, run_name=run_name,
+        use_liger_kernel=liger,
     )
     args.update(kw)
     args.update(t.extra)
+    if liger_cfg is not None:
+        args["liger_kernel_config"] = liger_cfg
     return cls(**args)
 
 
@@ -231,24 +284,6 @@ def loss_log_callback(path: Path, resume_step: int = 0) -> Any:
                 f.write(json.dumps(rec) + "\n")
 
     return LossLog()
-
-
-def tensorboard_writer(out_dir: Path) -> Any:
-    """A SummaryWriter on ``out_dir/tensorboard`` on the main rank, else None."""
-    if not is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
-def tracking_callbacks(t: TrainArgs, out_dir: Path) -> list:
-    """The TensorBoard callback writing to ``out_dir/tensorboard`` when ``report_to`` names it (main rank)."""
-    if "tensorboard" not in t.report_to or not is_main_process():
-        return []
-    from transformers.integrations import TensorBoardCallback
-
-    return [TensorBoardCallback(tb_writer=tensorboard_writer(out_dir))]
 
 
 # ---------------------------------------------------------------- loading and saving
@@ -385,7 +420,7 @@ def begin(cfg: Any, ctx: Any, *, packed: bool = False) -> TrainerRun:
     seed = cfg.train.seed if cfg.train.seed is not None else ctx.seed
     attn = pick_attention(cfg.attn_implementation, ctx.recipe.file.model.attn_implementation, packed=packed)
     callbacks = [loss_log_callback(Path(ctx.out_dir) / "loss_log.jsonl", resume_step),
-                 *tracking_callbacks(cfg.train, Path(ctx.out_dir))]
+                 *hf_callbacks(cfg.train.report_to, ctx)]  # starts the stage's W&B run when asked
     if resume:
         log.info("stage %s: resuming from %s", ctx.spec.name, resume)
     return TrainerRun(cfg, ctx, model_path, tok, seed, ctx.recipe.file.model.dtype, attn, resume, resume_step,
@@ -393,11 +428,12 @@ def begin(cfg: Any, ctx: Any, *, packed: bool = False) -> TrainerRun:
 
 
 def finish(run: TrainerRun, trainer: Any, result: Any, *, load_base: Any = None) -> dict:
-    """The shared epilogue: save (merging LoRA), drop checkpoints/_data as configured, wait for rank 0.
-
-    Returns the common part of the stage manifest's summary.
+    """The shared epilogue: end the W&B run, save (merging LoRA), drop checkpoints/_data as configured, wait for
+    rank 0. Call it after the stage's last evaluation (its metrics go to the trackers). Returns the common part of
+    the stage manifest's summary.
     """
     cfg = run.cfg
+    finish_wandb()
     saved = save_final(trainer, run.out_dir, run.tokenizer, cfg.lora, run.model_path, run.dtype, load_base)
     if is_main_process():
         if not cfg.train.keep_checkpoints:
