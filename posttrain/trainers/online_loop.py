@@ -12,10 +12,14 @@ sequence must equal the policy's, or the run stops with ``SyncError`` (a silentl
 push would make the run sample from a stale policy).
 
 Several ranks (``Dist``): each rank samples and scores its share of the prompts with its own sampler
-(the policy itself through hf, or its own vLLM engine started by ``_engine_per_rank``), ``gather``
-gives every rank all samples, and ``sync`` pushes into every rank's engine (ZeRO-3: chunk by chunk,
-each gathered on all ranks) and checks every rank's probe, stopping all ranks together. The episode
-metrics carry ``samples_per_rank``, ``sync_logprob_diff_per_rank`` and ``sync_chunks``.
+(the policy itself through hf; its own vLLM engine started by ``engine_per_rank``; its shard of an
+engine spanning a block of ``tensor_parallel_size`` ranks, through ``GroupSampler``; or the one
+vLLM server all ranks share, ``ServerSampler``), ``gather`` gives every rank all samples, and
+``sync`` pushes into every engine (ZeRO-3: chunk by chunk, each gathered on all ranks; a server:
+rank 0 writes, the server loads) and checks every rank's probe, stopping all ranks together. The
+episode metrics carry ``samples_per_rank``, ``sync_logprob_diff_per_rank`` and ``sync_chunks``.
+Episode checkpoints (``checkpoint``) hold the policy, the optimizer and merging state (DeepSpeed:
+every rank's shards) and the next episode; a relaunch after a kill continues there.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import math
 import random
 import shutil
@@ -37,10 +40,13 @@ from posttrain.core.distributed import Dist
 from posttrain.core.losses import dpo_loss, response_logprobs
 from posttrain.core.records import RecordWriter, preference, record_id, to_chat_prompt
 from posttrain.core.sampling.base import Completion, SamplingParams, stable_seed
-from posttrain.core.trainkit import lora_config, lr_at, set_lr, tensorboard_writer
+from posttrain.core.sampling.server_weights import ServerSampler
+from posttrain.core.tracking import open_tracker
+from posttrain.core.trainkit import lora_config, lr_at, set_lr
 from posttrain.core.weight_sync import (SyncError, check_sync, export_weights, probe_diff, push_weights, set_asleep,
                                        verify_sync)
 from posttrain.trainers.online_dpo import OnlineDPOConfig, multi_rank_refusal, pick_pairs
+from posttrain.trainers.online_support import CKPT, DS_TAG, engine_per_rank, find_checkpoint, truncate_jsonl
 from reward.sources import reward_sources, total_rewards
 
 log = logging.getLogger("posttrain")
@@ -83,10 +89,9 @@ class OnlineDPOLoop:
         self.prompts = [to_chat_prompt(r) for r in self.records]
         self.order = list(range(len(self.records)))
         random.Random(self.seed).shuffle(self.order)
-        self.ckpt = self.out / "checkpoint"
-        state_file = self.ckpt / "state.json"
-        self.state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        self.ckpt, self.state = find_checkpoint(self.out / "checkpoint")
         self.first = self.state["episode"] if self.state else 0
+        self._check_resume_world()
         # the schedule runs over planned optimizer steps (an episode with fewer pairs takes fewer steps)
         self.steps_per_episode = cfg.epochs_per_episode * math.ceil(cfg.prompts_per_episode /
                                                                     (cfg.batch_size * self.dist.world))
@@ -103,11 +108,11 @@ class OnlineDPOLoop:
                                           else None, cfg.reward_model_weight, cfg.reward_functions,
                                           device=self.device, batch_size=cfg.reward_batch_size,
                                           max_length=cfg.max_length, where=f"stages[{ctx.spec.index}].reward_functions")
-        self.tb = tensorboard_writer(self.out) if "tensorboard" in cfg.train.report_to and self.dist.main else None
+        self.tb = open_tracker(cfg.train.report_to, ctx) if self.dist.main else None  # TensorBoard and/or W&B
         self.metrics_path = self.out / "metrics.jsonl"
         if self.dist.main:
-            _truncate_jsonl(self.metrics_path, lambda r: r["episode"] < self.first)
-            _truncate_jsonl(self.out / "pairs.jsonl", lambda r: r["meta"]["episode"] < self.first)
+            truncate_jsonl(self.metrics_path, lambda r: r["episode"] < self.first)
+            truncate_jsonl(self.out / "pairs.jsonl", lambda r: r["meta"]["episode"] < self.first)
         self.totals: dict[str, float] = {}
         self.history: list[dict] = []
 
@@ -116,12 +121,14 @@ class OnlineDPOLoop:
     def _load_models(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        cfg, load_from = self.cfg, str(self.ckpt) if self.state else self.start_path
+        # a DeepSpeed checkpoint holds the weights in its own format: they are loaded into the engine
+        hf_ckpt = self.state is not None and not self.state.get("deepspeed")
+        cfg, load_from = self.cfg, str(self.ckpt) if hf_ckpt else self.start_path
         if cfg.lora is not None:
             from peft import PeftModel, get_peft_model
 
             base = AutoModelForCausalLM.from_pretrained(self.start_path, dtype=self.dtype).to(self.device)
-            self.policy = (PeftModel.from_pretrained(base, load_from, is_trainable=True) if self.state
+            self.policy = (PeftModel.from_pretrained(base, load_from, is_trainable=True) if hf_ckpt
                            else get_peft_model(base, lora_config(cfg.lora)))
             self.ref_model = None  # the reference is the policy with its adapter disabled
         else:
@@ -144,15 +151,26 @@ class OnlineDPOLoop:
             reference, base = merging.resolve_paths(self.cfg.merging, self.ctx, self.start_path)
             optimizer = merging.wrap_optimizer(optimizer, self.policy, self.cfg.merging, reference=reference,
                                                base=base)
+        self.merger = optimizer if self.cfg.merging is not None else None
         if self.state and (self.ckpt / "optimizer.pt").is_file():
             optimizer.load_state_dict(torch.load(self.ckpt / "optimizer.pt", map_location=self.device,
                                                  weights_only=False))
         self.optimizer = optimizer
         self.train_model, self.optimizer = self.dist.prepare(self.policy, optimizer)
+        if self.state and self.state.get("deepspeed"):
+            # every rank reads back its own shards of the weights and of the optimizer state
+            self.train_model.load_checkpoint(str(self.ckpt), tag=DS_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False,
+                                             load_module_strict=self.cfg.lora is None)
+            if self.merger is not None:
+                self.merger.load_extra_state(torch.load(self.ckpt / f"merging.rank{self.dist.rank}.pt",
+                                                        weights_only=False))
 
     def _make_sampler(self) -> None:
         from posttrain.core.sampling.base import make_sampler
+        from posttrain.core.sampling.group import GroupSampler
         from posttrain.core.sampling.hf import HFSampler
+        from posttrain.core.sampling.vllm_backend import VLLMSampler
 
         cfg, ctx = self.cfg, self.ctx
         self.injected = ctx.samplers.injected
@@ -167,11 +185,29 @@ class OnlineDPOLoop:
             self.sampler = HFSampler(self.policy, self.tok, scfg, chat_template=ctx.chat_template)
         else:
             ctx.samplers.release("vllm")  # one engine at a time: free the memory of any shared one
-            start = str(self.ckpt) if self.state and cfg.lora is None else self.start_path
-            with _engine_per_rank(self.dist, scfg.backend):
-                self.sampler = make_sampler(scfg, model=start, tokenizer=ctx.tokenizer_path(self.start_path),
-                                            chat_template=ctx.chat_template)
+            # resumed from a DeepSpeed checkpoint: start on the first weights; the push before the first
+            # episode (run) brings the engine to the restored policy
+            hf_ckpt = self.state is not None and not self.state.get("deepspeed") and cfg.lora is None
+            start = str(self.ckpt) if hf_ckpt else self.start_path
+            tp = scfg.tensor_parallel_size if scfg.backend == "vllm" else 1
+            if self.dist.world > 1 and tp > 1:
+                # one engine per block of tp consecutive ranks, each rank running one shard in-process
+                gather, index = self.dist.block_gather(tp)
+                self.sampler = GroupSampler(VLLMSampler(start, ctx.tokenizer_path(self.start_path), scfg,
+                                                        chat_template=ctx.chat_template, external_launcher=True),
+                                            gather, index)
+            else:
+                with engine_per_rank(self.dist, scfg.backend):
+                    self.sampler = make_sampler(scfg, model=start, tokenizer=ctx.tokenizer_path(self.start_path),
+                                                chat_template=ctx.chat_template)
             self.own_sampler = True
+            if scfg.backend == "openai" and cfg.sync_weights:
+                # a separately launched vLLM server (shared by all ranks): rank 0 writes the weights where the
+                # server can read them and has it load them (posttrain.core.sampling.server_weights)
+                where = cfg.server_weights_dir or str(self.out / "server_weights")
+                self.sampler = ServerSampler(self.sampler, ctx.resolve(where) if cfg.server_weights_dir else where,
+                                             writer=self.dist.main)
+                self.sampler.check_receiver()
         self.shares_policy = isinstance(self.sampler, HFSampler) and self.sampler.model is self.policy
         can_sync = hasattr(self.sampler, "update_weights") and hasattr(self.sampler, "probe_logprobs")
         if cfg.sync_weights and not can_sync:
@@ -338,6 +374,8 @@ class OnlineDPOLoop:
         set_asleep(self.sampler, False)
         if not self.shares_policy:
             self.sync_chunks = push_weights(self.sampler, self.policy, self.cfg.sync_chunk_mb << 20, self.dist.gathered)
+            if isinstance(self.sampler, ServerSampler):
+                self.dist.barrier()  # one server for all ranks: probe it only once rank 0's reload is done
         t1 = time.time()
         self.policy.eval()
         with self._whole_policy():  # else ZeRO-3's forward gathers one layer at a time
@@ -348,20 +386,54 @@ class OnlineDPOLoop:
         return diffs, t1 - t0, time.time() - t1
 
     def checkpoint(self, next_episode: int) -> None:
-        """Policy (adapter for LoRA), optimizer state and the next episode, written aside then swapped in."""
+        """Policy, optimizer state (merging state included) and the next episode, written aside then swapped in.
+
+        One process or DDP: the main rank writes the policy (the adapter for LoRA) in Hugging Face format
+        and the optimizer state. DeepSpeed: every rank writes its shards of weights and optimizer state
+        through the engine (DeepSpeed's format, ZeRO-2 and ZeRO-3 alike) and the merging wrapper's own
+        state; the main rank then writes ``state.json`` (the next episode and the world that wrote it) and
+        swaps the folder in. A kill at any point leaves the previous complete checkpoint.
+        The sampling and update randomness needs no saving: it is seeded from the episode index.
+        """
         import torch
 
-        if self.dist.world > 1:
-            return  # multi-rank episode checkpoints: see the stage docstring
-        tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
-        if tmp.exists():
+        dist = self.dist
+        tmp = self.ckpt.with_name(CKPT + ".tmp")
+        if dist.main and tmp.exists():
             shutil.rmtree(tmp)
-        self.policy.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"episode": next_episode}))
-        if self.ckpt.exists():
-            shutil.rmtree(self.ckpt)
-        tmp.rename(self.ckpt)
+        dist.barrier()
+        if dist.deepspeed:
+            self.train_model.save_checkpoint(str(tmp), tag=DS_TAG, exclude_frozen_parameters=self.cfg.lora is not None)
+            if self.merger is not None:
+                torch.save(self.merger.extra_state(), tmp / f"merging.rank{dist.rank}.pt")
+        elif dist.main:
+            self.policy.save_pretrained(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        dist.barrier()
+        if dist.main:
+            (tmp / "state.json").write_text(json.dumps({"episode": next_episode, "world_size": dist.world,
+                                                         "deepspeed": dist.deepspeed, "zero_stage": dist.zero_stage}))
+            final, old = self.out / CKPT, self.out / (CKPT + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def _check_resume_world(self) -> None:
+        """A checkpoint resumes only in the world that wrote it (DeepSpeed shards are per rank)."""
+        if not self.state:
+            return
+        d = self.dist
+        had = (self.state.get("world_size", 1), bool(self.state.get("deepspeed")), self.state.get("zero_stage"))
+        now = (d.world, d.deepspeed, d.zero_stage)
+        if had[1] != now[1] or (had[1] and had != now):
+            def say(w):
+                return f"{w[0]} rank(s)" + (f", DeepSpeed ZeRO-{w[2]}" if w[1] else "")
+            raise ValueError(f"stage {self.ctx.spec.name}: {self.ckpt} was written by {say(had)}, this launch has "
+                             f"{say(now)}: relaunch as before, or delete that folder to start the stage over")
 
     # ---------------------------------------------------------------- the loop
 
@@ -443,10 +515,7 @@ class OnlineDPOLoop:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(m) + "\n")
         if self.tb is not None:
-            for k, v in m.items():
-                if isinstance(v, (int, float)) and k != "episode":
-                    self.tb.add_scalar(f"online_dpo/{k}", v, m["episode"])
-            self.tb.flush()
+            self.tb.log_scalars({k: v for k, v in m.items() if k != "episode"}, m["episode"], prefix="online_dpo/")
 
     def _finish(self) -> dict:
         with self.dist.gathered(self.policy):  # every rank takes part (ZeRO-3 gathers the shards)
@@ -454,8 +523,8 @@ class OnlineDPOLoop:
                 final = self.policy.merge_and_unload() if self.cfg.lora is not None else self.policy
                 final.save_pretrained(self.out)
                 self.tok.save_pretrained(self.out)
-                if self.ckpt.exists():
-                    shutil.rmtree(self.ckpt)
+                for d in (CKPT, CKPT + ".old"):
+                    shutil.rmtree(self.out / d, ignore_errors=True)
         rows = self.history
         summary = {"model": str(self.out), "episodes": len(rows), "pairs": sum(r["pairs"] for r in rows),
                    "skipped_prompts": sum(r["skipped"] for r in rows),
@@ -473,7 +542,7 @@ class OnlineDPOLoop:
         return summary
 
     def close(self) -> None:
-        """Give an injected sampler back its starting weights; close our own sampler and TensorBoard."""
+        """Give an injected sampler back its starting weights; close our own sampler and the trackers."""
         if self.tb is not None:
             self.tb.close()
         if self.injected_start is not None:
@@ -483,45 +552,3 @@ class OnlineDPOLoop:
                 log.warning("could not restore the injected sampler's weights: %s", e)
         if self.own_sampler:
             self.sampler.close()
-
-
-def _truncate_jsonl(path: Path, keep: Any) -> None:
-    """On resume, drop lines of episodes that will run again (a torn last line goes too)."""
-    if not path.exists():
-        return
-    rows = []
-    for x in path.read_text().splitlines():
-        try:
-            if x.strip() and keep(json.loads(x)):
-                rows.append(x)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(x + "\n" for x in rows))
-
-
-@contextlib.contextmanager
-def _engine_per_rank(dist: Dist, backend: str) -> Any:
-    """Environment in which each rank starts its own colocated vLLM engine (no-op in one process / for hf).
-
-    The engine's processes are spawned, not forked: a forked engine inherits the training process
-    group and hangs in its own distributed set-up. On GPUs the engine is pointed at this rank's device
-    (vLLM puts a one-GPU engine on the first visible device) while it starts. Both variables are
-    restored afterwards (the engine's processes are started by then).
-    """
-    if dist.world == 1 or backend != "vllm":
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("VLLM_WORKER_MULTIPROC_METHOD", "CUDA_VISIBLE_DEVICES")}
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-    if dist.device.startswith("cuda"):
-        idx = int(dist.device.partition(":")[2] or 0)
-        visible = [d.strip() for d in (saved["CUDA_VISIBLE_DEVICES"] or "").split(",") if d.strip()]
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[idx] if idx < len(visible) else str(idx)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

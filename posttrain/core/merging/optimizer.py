@@ -87,6 +87,7 @@ class _MergingMixin:
         for group in inner.param_groups:
             _decay_kind(inner, group)  # refuse an optimizer whose kind of weight decay is unknown, now
         self._gens: dict[str, torch.Generator] = {}
+        self._pending_rng: dict[str, Any] = {}  # generator states restored by load_extra_state
         self._frag_cache: dict[int, list[tuple[_Frag, SparseTau | None]]] = {}
         self.steps = 0
         # torch.optim.Optimizer API pieces that LR schedulers, accelerate and trainers touch.
@@ -122,19 +123,33 @@ class _MergingMixin:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The inner optimizer's state plus the count of step calls (tau is rebuilt from the seed, not saved).
+        """The inner optimizer's state plus the wrapper's own (``extra_state``; tau is rebuilt, not saved).
 
         Under DeepSpeed ZeRO the engine calls ``step`` once per param group (ZeRO-3: sub-group).
         """
-        return {"inner": self.inner.state_dict(), "merging_steps": self.steps}
+        return {"inner": self.inner.state_dict(), **self.extra_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Inverse of ``state_dict`` (also accepts a bare inner state dict)."""
         if "inner" in sd and "merging_steps" in sd:
             self.inner.load_state_dict(sd["inner"])
-            self.steps = int(sd["merging_steps"])
+            self.load_extra_state(sd)
         else:
             self.inner.load_state_dict(sd)
+
+    def extra_state(self) -> dict:
+        """What the wrapper itself carries across a resume: its step count and the state of the generators
+        that draw OnDARE's masks (without them a resumed run would draw the first episode's masks again).
+        DeepSpeed's checkpoints hold only the inner optimizer's state, so a multi-rank loop saves this per rank."""
+        rng = {k: g.get_state() for k, g in self._gens.items()}
+        rng.update({k: v for k, v in self._pending_rng.items() if k not in rng})
+        return {"merging_steps": self.steps, "merging_rng": rng}
+
+    def load_extra_state(self, sd: dict) -> None:
+        """Inverse of ``extra_state``; a generator's state is applied when that device's generator is made."""
+        self.steps = int(sd["merging_steps"])
+        self._gens.clear()
+        self._pending_rng = dict(sd.get("merging_rng", {}))
 
     def add_param_group(self, group: dict) -> None:
         """Delegate to the inner optimizer."""
@@ -206,6 +221,8 @@ class _MergingMixin:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank = torch.distributed.get_rank()
             self._gens[key] = torch.Generator(device=device).manual_seed(self.seed * 7919 + 104729 * (rank + 1))
+            if key in self._pending_rng:
+                self._gens[key].set_state(self._pending_rng.pop(key))
         return self._gens[key]
 
     # -- the step

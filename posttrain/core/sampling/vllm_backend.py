@@ -31,7 +31,7 @@ class VLLMSampler:
     name = "vllm"
 
     def __init__(self, model: str, tokenizer: str | None = None, cfg: SamplerConfig | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, external_launcher: bool = False):
         self.cfg = cfg or SamplerConfig(backend="vllm")
         cpu = _on_cpu()
         if cpu:
@@ -50,6 +50,10 @@ class VLLMSampler:
                       tensor_parallel_size=self.cfg.tensor_parallel_size, seed=0)
         if self.cfg.max_model_len:
             kwargs["max_model_len"] = self.cfg.max_model_len
+        if external_launcher:
+            # one engine spanning a block of the training ranks (tensor parallel): each rank runs its
+            # shard in its own process, on the process group the launcher started; no engine processes
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if not cpu:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.cfg.enable_sleep_mode
@@ -146,9 +150,22 @@ class VLLMSampler:
 
 
 def _reload_weights_rpc(worker, blob: bytes) -> int:
-    """Runs inside each vLLM worker: reload the weights in the safetensors ``blob`` in place."""
+    """Runs inside each vLLM worker: reload the weights in the safetensors ``blob`` in place.
+
+    A chunk holds some decoder layers only: vLLM keeps every other layer's current weights, but logs
+    "Failed to load weights" for each of them (per chunk, per layer); that is expected here, so the
+    warning is held back while a chunk loads (whether the push was complete is what the probe checks).
+    """
+    import logging
+
     from safetensors.torch import load
 
     weights = load(blob)
-    worker.reload_weights(weights_iterator=list(weights.items()))
+    quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        worker.reload_weights(weights_iterator=list(weights.items()))
+    finally:
+        quiet.setLevel(level)
     return len(weights)
