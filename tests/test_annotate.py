@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,11 @@ from posttrain.core.errors import BadInput, RecordError
 from posttrain.core.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
+# httpx's default timeout is 5 s: on a loaded 2-core machine a request to a live server may wait longer than
+# that without anything being wrong, so every request here gets a generous one (a hang still fails the test)
+TIMEOUT = 120
+http_get = partial(httpx.get, timeout=TIMEOUT)
+http_post = partial(httpx.post, timeout=TIMEOUT)
 
 
 def write_tasks(path: Path, n: int = 5, k: int = 3) -> Path:
@@ -46,7 +52,7 @@ def keyed(task_id: str, who: str, ranks: dict[str, int]) -> dict[str, int]:
 
 @pytest.fixture()
 def server(tmp_path):
-    srv = AnnotationServer(tmp_path / "ann.sqlite", write_tasks(tmp_path / "tasks.jsonl"), "127.0.0.1", 0).start()
+    srv = AnnotationServer(tmp_path / "ann.sqlite", write_tasks(tmp_path / "tasks.jsonl"), "127.0.0.1", 0).start(timeout=300)
     srv.tokens = {name: srv.store.add_annotator(name) for name in ("alice", "bob")}
     srv.base = srv.url.rstrip("/")
     yield srv
@@ -132,15 +138,15 @@ def test_tokens_are_stored_as_hashes_and_map_to_one_name(tmp_path):
 
 
 def test_api_needs_a_token_and_the_link_sets_a_cookie(server):
-    assert httpx.get(f"{server.base}/api/next").status_code == 401
-    assert httpx.get(f"{server.base}/api/stats").status_code == 401
-    assert httpx.get(f"{server.base}/api/next", headers={"Authorization": "Bearer nope"}).status_code == 401
-    r = httpx.post(f"{server.base}/api/submit", json={"task_id": "task0", "ranking": {"a": 1}})
+    assert http_get(f"{server.base}/api/next").status_code == 401
+    assert http_get(f"{server.base}/api/stats").status_code == 401
+    assert http_get(f"{server.base}/api/next", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = http_post(f"{server.base}/api/submit", json={"task_id": "task0", "ranking": {"a": 1}})
     assert_one_line_error(r, 401, "token")
-    page = httpx.get(f"{server.base}/")  # the page itself is static: it asks for a token when the API says 401
+    page = http_get(f"{server.base}/")  # the page itself is static: it asks for a token when the API says 401
     assert page.status_code == 200 and "script-src 'sha256-" in page.headers["content-security-policy"]
-    assert httpx.get(f"{server.base}/", params={"token": "wrong"}).status_code == 401
-    with httpx.Client() as c:
+    assert http_get(f"{server.base}/", params={"token": "wrong"}).status_code == 401
+    with httpx.Client(timeout=TIMEOUT) as c:
         r = c.get(f"{server.base}/", params={"token": server.tokens["bob"]})
         assert r.status_code == 303 and r.headers["location"] == "/"
         cookie = r.headers["set-cookie"].lower()
@@ -149,15 +155,15 @@ def test_api_needs_a_token_and_the_link_sets_a_cookie(server):
 
 
 def test_blind_keys_and_submission_checks(server):
-    nxt = httpx.get(f"{server.base}/api/next", headers=auth(server, "alice")).json()
+    nxt = http_get(f"{server.base}/api/next", headers=auth(server, "alice")).json()
     task = nxt["task"]
     assert nxt["total"] == 5 and nxt["annotator"] == "alice" and task["id"] == "task0"
     keys = [r["id"] for r in task["responses"]]
     assert not {"r0-0", "r0-1", "r0-2"} & set(keys) and all(set(r) == {"id", "text"} for r in task["responses"])
-    bob = httpx.get(f"{server.base}/api/next", headers=auth(server, "bob")).json()["task"]
+    bob = http_get(f"{server.base}/api/next", headers=auth(server, "bob")).json()["task"]
     assert set(keys).isdisjoint(r["id"] for r in bob["responses"])  # keys are per annotator
     full = {k: n + 1 for n, k in enumerate(keys)}
-    post = lambda body, who="alice": httpx.post(f"{server.base}/api/submit", json=body, headers=auth(server, who))  # noqa: E731
+    post = lambda body, who="alice": http_post(f"{server.base}/api/submit", json=body, headers=auth(server, who))  # noqa: E731
     assert_one_line_error(post({"task_id": "task0", "ranking": {keys[0]: 1}}), 400, "every response")
     assert_one_line_error(post({"task_id": "nope", "ranking": full}), 400, "no task")
     assert_one_line_error(post({"task_id": "task0", "ranking": full, "best_id": keys[2]}), 400, "best_id")
@@ -167,15 +173,15 @@ def test_blind_keys_and_submission_checks(server):
     assert_one_line_error(post({"task_id": "task0", "ranking": full, "extra": 1}), 400, "unknown key 'extra'")
     ok = post({"task_id": "task0", "ranking": full})
     assert ok.status_code == 200 and ok.json()["ok"] and not ok.json()["retry"]
-    assert httpx.get(f"{server.base}/api/next", headers=auth(server, "alice")).json()["task"]["id"] == "task1"
-    assert httpx.get(f"{server.base}/api/next", headers=auth(server, "bob")).json()["task"]["id"] == "task1"  # fewest first
-    assert httpx.get(f"{server.base}/api/stats", headers=auth(server, "bob")).json() == {
+    assert http_get(f"{server.base}/api/next", headers=auth(server, "alice")).json()["task"]["id"] == "task1"
+    assert http_get(f"{server.base}/api/next", headers=auth(server, "bob")).json()["task"]["id"] == "task1"  # fewest first
+    assert http_get(f"{server.base}/api/stats", headers=auth(server, "bob")).json() == {
         "submissions": 1, "tasks_annotated": 1, "annotators": 1}
 
 
 def test_rankings_keep_their_author_and_agreement_is_exported(server, tmp_path):
     def post(who: str, ranks: dict[str, int], **extra) -> httpx.Response:
-        r = httpx.post(f"{server.base}/api/submit", headers=auth(server, who),
+        r = http_post(f"{server.base}/api/submit", headers=auth(server, who),
                        json={"task_id": "task0", "ranking": keyed("task0", who, ranks), **extra})
         assert r.status_code == 200, r.text
         return r
@@ -200,13 +206,13 @@ def test_rankings_keep_their_author_and_agreement_is_exported(server, tmp_path):
 
 def test_a_retried_submission_is_stored_once(server, tmp_path):
     body = {"task_id": "task1", "ranking": keyed("task1", "alice", {"r1-0": 2, "r1-1": 1, "r1-2": 3}), "nonce": "n-1"}
-    first = httpx.post(f"{server.base}/api/submit", json=body, headers=auth(server, "alice")).json()
-    again = httpx.post(f"{server.base}/api/submit", json=body, headers=auth(server, "alice")).json()
+    first = http_post(f"{server.base}/api/submit", json=body, headers=auth(server, "alice")).json()
+    again = http_post(f"{server.base}/api/submit", json=body, headers=auth(server, "alice")).json()
     assert again == {"ok": True, "submission": first["submission"], "retry": True}
     other = dict(body, task_id="task2", ranking=keyed("task2", "alice", {"r2-0": 1, "r2-1": 2, "r2-2": 3}))
-    assert_one_line_error(httpx.post(f"{server.base}/api/submit", json=other, headers=auth(server, "alice")), 400, "nonce")
+    assert_one_line_error(http_post(f"{server.base}/api/submit", json=other, headers=auth(server, "alice")), 400, "nonce")
     bob = dict(body, ranking=keyed("task1", "bob", {"r1-0": 2, "r1-1": 1, "r1-2": 3}))  # nonces are per annotator
-    assert httpx.post(f"{server.base}/api/submit", json=bob, headers=auth(server, "bob")).json()["retry"] is False
+    assert http_post(f"{server.base}/api/submit", json=bob, headers=auth(server, "bob")).json()["retry"] is False
     assert sqlite3.connect(tmp_path / "ann.sqlite").execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 2
 
 
@@ -215,20 +221,20 @@ def test_a_retried_submission_is_stored_once(server, tmp_path):
 def test_host_and_origin_are_checked(server, tmp_path):
     h, port = auth(server, "alice"), server.port
     good = {"task_id": "task0", "ranking": keyed("task0", "alice", {"r0-0": 1, "r0-1": 2, "r0-2": 3})}
-    assert_one_line_error(httpx.get(f"{server.base}/api/next", headers={**h, "Host": "evil.example"}), 400, "evil.example")
-    assert_one_line_error(httpx.get(f"{server.base}/", headers={"Host": f"attacker.test:{port}"}), 400, "allow-host")
+    assert_one_line_error(http_get(f"{server.base}/api/next", headers={**h, "Host": "evil.example"}), 400, "evil.example")
+    assert_one_line_error(http_get(f"{server.base}/", headers={"Host": f"attacker.test:{port}"}), 400, "allow-host")
     # a cross-site "simple" POST (text/plain, no preflight) and other foreign origins
     for origin in ("http://evil.example", f"http://127.0.0.1:{port + 1}", "null", f"https://localhost.evil:{port}"):
-        r = httpx.post(f"{server.base}/api/submit", content=json.dumps(good),
+        r = http_post(f"{server.base}/api/submit", content=json.dumps(good),
                        headers={**h, "Origin": origin, "Content-Type": "text/plain"})
         assert_one_line_error(r, 403, "Origin")
-    assert_one_line_error(httpx.post(f"{server.base}/api/submit", content=json.dumps(good),
+    assert_one_line_error(http_post(f"{server.base}/api/submit", content=json.dumps(good),
                                      headers={**h, "Origin": f"http://127.0.0.1:{port}", "Content-Type": "text/plain"}),
                           415, "application/json")
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):  # loopback names of a loopback bind
-        r = httpx.get(f"{server.base}/api/next", headers={**h, "Host": host, "Origin": f"http://{host}"})
+        r = http_get(f"{server.base}/api/next", headers={**h, "Host": host, "Origin": f"http://{host}"})
         assert r.status_code == 200, (host, r.text)
-    r = httpx.post(f"{server.base}/api/submit", json=good, headers={**h, "Origin": f"http://localhost:{port}",
+    r = http_post(f"{server.base}/api/submit", json=good, headers={**h, "Origin": f"http://localhost:{port}",
                                                                      "Host": f"localhost:{port}"})
     assert r.status_code == 200, r.text
     # pure checks: an added name, a wildcard bind, and an Origin that names the right host on the wrong port
@@ -240,7 +246,7 @@ def test_host_and_origin_are_checked(server, tmp_path):
     assert socket.gethostname().lower() in allowed_names("0.0.0.0") and "0.0.0.0" not in allowed_names("0.0.0.0")
     srv = AnnotationServer(tmp_path / "ann.sqlite", None, "127.0.0.1", 0, allow_hosts=["annotate.example.org"]).start()
     try:
-        r = httpx.get(f"{srv.url}api/next", headers={**h, "Host": f"annotate.example.org:{srv.port}"})
+        r = http_get(f"{srv.url}api/next", headers={**h, "Host": f"annotate.example.org:{srv.port}"})
         assert r.status_code == 200 and r.json()["annotator"] == "alice"
     finally:
         srv.shutdown()
@@ -275,19 +281,19 @@ RAW_BAD = [
 
 @pytest.mark.parametrize("body,words", MALFORMED, ids=[f"json{i}" for i in range(len(MALFORMED))])
 def test_malformed_fields_get_400(server, body, words):
-    r = httpx.post(f"{server.base}/api/submit", json=body, headers=auth(server, "alice"))
+    r = http_post(f"{server.base}/api/submit", json=body, headers=auth(server, "alice"))
     assert_one_line_error(r, 400, words)
 
 
 @pytest.mark.parametrize("raw,words", RAW_BAD, ids=["deep", "nan", "truncated", "not-utf8", "empty", "null", "huge-int"])
 def test_malformed_json_gets_400(server, raw, words):
-    r = httpx.post(f"{server.base}/api/submit", content=raw,
+    r = http_post(f"{server.base}/api/submit", content=raw,
                    headers={**auth(server, "alice"), "Content-Type": "application/json"})
     assert_one_line_error(r, 400, words)
 
 
 def raw_request(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
         s.sendall(data)
         out = b""
         while chunk := s.recv(65536):
@@ -307,10 +313,10 @@ def test_broken_framing_and_huge_bodies_get_a_reply(server):
     assert out.startswith(b"HTTP/1.1 413") and b"larger than" in out
     h = {**auth(server, "alice"), "Content-Type": "application/json"}
     big = json.dumps({"task_id": "task0", "ranking": {"a": 1}, "edited": "x" * 3_000_000}).encode()
-    assert_one_line_error(httpx.post(f"{server.base}/api/submit", content=big, headers=h, timeout=60), 413, "larger than")
+    assert_one_line_error(http_post(f"{server.base}/api/submit", content=big, headers=h), 413, "larger than")
     chunks = (b" " * 500_000 for _ in range(6))  # chunked: no Content-Length to refuse early
-    assert_one_line_error(httpx.post(f"{server.base}/api/submit", content=chunks, headers=h, timeout=60), 413, "larger")
-    assert httpx.get(f"{server.base}/api/next", headers=auth(server, "alice")).status_code == 200  # still serving
+    assert_one_line_error(http_post(f"{server.base}/api/submit", content=chunks, headers=h), 413, "larger")
+    assert http_get(f"{server.base}/api/next", headers=auth(server, "alice")).status_code == 200  # still serving
 
 
 # ---------------------------------------------------------------- 100 simultaneous submissions, real server
@@ -397,6 +403,42 @@ def test_cli_add_annotator_export_and_stage(tmp_path, capsys):
     assert read_records(tmp_path / "run" / "annotation_export" / "demonstrations.jsonl")[0]["messages"][-1]["content"] == "better"
 
 
+def test_add_annotator_command_tokens_work_on_a_running_server(server, tmp_path):
+    """`posttrain annotate add-annotator`, the real command in its own process, against the database a running
+    server uses: the printed token and sign-in link work at once (no restart), --rotate retires the old token
+    on the live server, and refusals are one line."""
+    def add(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "posttrain.cli", "annotate", "add-annotator", "--db",
+                               str(tmp_path / "ann.sqlite"), "--url", server.url, *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    def whoami(token: str) -> httpx.Response:
+        return http_get(f"{server.base}/api/next", headers={"Authorization": f"Bearer {token}"})
+
+    p = add("carol")
+    assert p.returncode == 0, p.stderr
+    token = p.stdout.strip()
+    assert len(token) >= 32 and "\n" not in token and f"{server.url}?token={token}" in p.stderr
+    r = whoami(token)
+    assert r.status_code == 200 and r.json()["annotator"] == "carol" and r.json()["task"]["id"] == "task0"
+    with httpx.Client(timeout=TIMEOUT) as c:  # the printed link signs in
+        r = c.get(f"{server.base}/", params={"token": token})
+        assert r.status_code == 303 and c.get(f"{server.base}/api/next").json()["annotator"] == "carol"
+    body = {"task_id": "task0", "ranking": keyed("task0", "carol", {"r0-0": 1, "r0-1": 2, "r0-2": 3})}
+    r = http_post(f"{server.base}/api/submit", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.json()["ok"], r.text
+    rot = add("--rotate", "carol")
+    assert rot.returncode == 0, rot.stderr
+    new = rot.stdout.strip()
+    assert new != token and whoami(token).status_code == 401 and whoami(new).json()["annotator"] == "carol"
+    for args, words in ((["carol"], "already exists"), (["--rotate", "dave"], "no annotator 'dave'"),
+                        (["tab\there"], "1-100 printable")):
+        p = add(*args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and not p.stdout.strip(), p.stderr
+        assert p.stderr.strip().count("\n") == 0 and words in p.stderr, p.stderr
+    assert http_get(f"{server.base}/api/stats", headers={"Authorization": f"Bearer {new}"}).json()["submissions"] == 1
+
+
 def test_database_of_the_previous_version_is_upgraded(tmp_path):
     db = tmp_path / "old.sqlite"
     conn = sqlite3.connect(db)  # the schema before tokens and nonces
@@ -447,6 +489,7 @@ def test_browser_rank_edit_submit_export(tmp_path):
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.set_default_timeout(120_000)  # Playwright's 30 s default is short for chromium on a loaded machine
             page.goto(srv.url)  # no token yet: the page asks for one
             page.wait_for_selector("#signin:not(.hidden)")
             page.goto(srv.link(token))  # the link sets the cookie and redirects to the bare page

@@ -7,15 +7,20 @@ prompt's seed. Output:
 with ``return_token_ids``). All prompts of a call are sent concurrently, at
 most ``max_concurrency`` requests in flight. 429, 5xx, timeouts and dropped
 connections are retried with exponential backoff (``Retry-After`` honoured);
-other 4xx answers are errors that quote the server's message. A vLLM server cuts a stop
+other 4xx answers are errors that quote the server's message. Each retry is logged (attempt,
+wait, error); a server that stays unreachable or failing ends in ``OpenAIServerError``, a user
+error (``BadInput``), so the CLI prints it as one line, not a traceback. A vLLM server cuts a stop
 string from the text but not from the token ids; they are cut here with the model's tokenizer
 (``trim_at_stop``), or dropped when it cannot be loaded, so the ids always match the text.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,14 +28,34 @@ import httpx
 
 from collections.abc import Sequence
 
+from posttrain.core.errors import BadInput
 from posttrain.core.sampling.base import (Completion, Messages, SamplerConfig, SamplingParams, prompt_seeds,
                                           trim_at_stop)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
+log = logging.getLogger("posttrain")
 
-class OpenAIServerError(RuntimeError):
-    """The server rejected a request (4xx other than rate limits) or kept failing after retries."""
+
+class OpenAIServerError(BadInput, RuntimeError):
+    """The server rejected a request (4xx other than rate limits) or kept failing after retries.
+
+    A ``BadInput`` (the CLI prints one line: a dead server or wrong URL is the user's to fix, not a
+    bug); still a ``RuntimeError`` for callers that caught it as one.
+    """
+
+
+def _raise_on_broken_pipe() -> None:
+    """Make a write to a connection the server dropped raise (``BrokenPipeError``, retried), not kill the process.
+
+    ``posttrain`` (the CLI) restores SIGPIPE's default action so that ``posttrain keys | head`` ends
+    quietly; under that default, sending a request body into a socket a crashed server has reset
+    kills the whole run silently (exit -13, no log line, no error). Only the main thread may set a
+    handler; a process that chose its own SIGPIPE handler keeps it.
+    """
+    if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 class OpenAISampler:
@@ -52,6 +77,7 @@ class OpenAISampler:
                                    headers={"Authorization": f"Bearer {key}"},
                                    limits=httpx.Limits(max_connections=cfg.max_concurrency))
         self.retries = 0  # total retried requests, for monitoring
+        _raise_on_broken_pipe()
 
     def _body(self, prompt: Messages, params: SamplingParams, seed: int | None = None) -> dict:
         body: dict = {"model": self.model, "messages": prompt, "n": params.n, "temperature": params.temperature,
@@ -75,11 +101,11 @@ class OpenAISampler:
             try:
                 r = self.client.post("/chat/completions", json=body)
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                err = f"{type(e).__name__}: {e}"
+                err = " ".join(f"{type(e).__name__}: {e}".split()).rstrip(":")  # one line; some have no message
             else:
                 if r.status_code == 200:
                     return r.json()
-                err = f"HTTP {r.status_code}: {r.text[:300]}"
+                err = f"HTTP {r.status_code}: {' '.join(r.text[:300].split())}"  # one line, for the CLI
                 if r.status_code not in RETRY_STATUS:
                     raise OpenAIServerError(f"{self.cfg.base_url}: request rejected, {err}")
                 ra = r.headers.get("retry-after")
@@ -88,7 +114,10 @@ class OpenAISampler:
             if attempt == self.cfg.max_retries:
                 raise OpenAIServerError(f"{self.cfg.base_url}: gave up after {attempt + 1} attempts, last error {err}")
             self.retries += 1
-            time.sleep(delay * (0.5 + random.random()))  # jitter spreads retries of concurrent requests
+            wait = delay * (0.5 + random.random())  # jitter spreads retries of concurrent requests
+            log.warning("openai %s: attempt %d/%d failed (%s); retrying in %.1fs", self.cfg.base_url, attempt + 1,
+                        self.cfg.max_retries + 1, err, wait)
+            time.sleep(wait)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
 
