@@ -124,8 +124,11 @@ class IFFeedbackConfig:
     min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a verifier reply with a function or test cases; a "
                                         "parseable consistency verdict; a non-empty response; a parseable quality rating)")
 
-    def check(self) -> None:
-        """Cross-field checks."""
+    def check(self, given: frozenset[str] = frozenset()) -> None:
+        """Cross-field checks; a key that would have no effect is an error."""
+        for k, switch in (("quality_min_score", "quality_filter"), ("back_translate_functions", "back_translate")):
+            if k in given and not getattr(self, switch):
+                raise ValueError(f"{k} has no effect with {switch}: false (remove it)")
         if self.chosen_min_pass_rate <= self.rejected_max_pass_rate:
             raise ValueError("chosen_min_pass_rate must be greater than rejected_max_pass_rate")
         if min(self.functions_per_instruction, self.responses_per_prompt, self.queries_per_instruction) < 1:

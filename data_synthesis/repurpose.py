@@ -59,6 +59,12 @@ _PASSAGE_REFS = ("the passage", "this passage", "the excerpt", "this excerpt", "
 _CHARACTER_BREAKS = ("as an ai", "language model", "i am an ai", "i'm an ai", "as a character", "my profile")
 
 
+# keys read by one mode only (a key of the other mode has no effect)
+LITERARY_KEYS = ("chunk_words", "min_chunk_words", "levels", "instructions_per_level", "max_instruction_words",
+                 "leak_ngram")
+ROLEPLAY_KEYS = ("grounded_queries", "unknowable_queries", "answers_per_query", "check_refusals", "judge_sampling")
+
+
 @dataclass
 class RepurposeConfig:
     """Keys of stage ``repurpose``."""
@@ -87,8 +93,16 @@ class RepurposeConfig:
     min_success_rate: float = key(0.05, FLOOR_DOC + " (usable: a non-empty instruction (literary), a parseable "
                                         "query list (roleplay))")
 
-    def check(self) -> None:
-        """Cross-field checks."""
+    def check(self, given: frozenset[str] = frozenset()) -> None:
+        """Cross-field checks; a key that would have no effect is an error."""
+        other = ROLEPLAY_KEYS if self.mode == "literary" else LITERARY_KEYS
+        useless = [k for k in other if k in given]
+        if "judge_sampling" in given and not self.check_refusals:
+            useless.append("judge_sampling")
+        if useless:
+            raise ValueError(f"{useless[0]} has no effect with mode: {self.mode}"
+                             + (" and check_refusals: false" if useless[0] == "judge_sampling" and
+                                self.mode == "roleplay" else "") + " (remove it)")
         bad = [lv for lv in self.levels if lv not in LEVELS]
         if bad:
             raise ValueError(f"levels: unknown level(s) {bad} (expected some of: {', '.join(LEVELS)})")

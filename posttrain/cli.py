@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LONG_RUNNING = ("run", "annotate", "eval")  # commands that serve or call servers (see main)
+
+
 def _extra_commands() -> list:
     """Subcommands that live next to their feature (each module exposes ``add_cli(sub)``)."""
     from data_synthesis import annotate as annotate_app
@@ -124,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     import signal
 
-    if hasattr(signal, "SIGPIPE"):  # `posttrain keys | head` should end quietly, like other CLIs
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # KEY.PATH=VALUE overrides may stand anywhere after the recipe (also after --only/--force);
     # argparse cannot mix a trailing positional list with options, so they are pulled out first.
     cmd = next((x for x in argv if not x.startswith("-")), None)
+    if hasattr(signal, "SIGPIPE") and cmd not in LONG_RUNNING:
+        # `posttrain keys | head` should end quietly, like other CLIs. Not for commands that talk to
+        # servers: under the default action a write into a socket a dead server reset kills the process
+        # without a word, where ignoring it turns into an error that the sampler retries.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     overrides: list[str] = []
     if cmd in ("run", "validate", "preview"):
         at = argv.index(cmd)

@@ -84,3 +84,33 @@ def test_dpo_keys_without_effect_or_unknown_to_trl_are_refused(capsys, tmp_path,
     p.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
                                  "stages": [{"kind": "dpo", "input": str(data), **stage}]}))
     _one_line_error(capsys, ["validate", str(p)], "r.yaml: stages[0]", needle)
+
+
+DATA = Path(__file__).resolve().parents[1] / "recipes" / "data"
+
+
+@pytest.mark.parametrize("stage, needle", [
+    ({"kind": "if_feedback", "seeds": str(DATA / "if_seed_constraints.jsonl"), "queries": str(DATA / "prompts.jsonl"),
+      "quality_filter": False, "quality_min_score": 6}, "quality_min_score has no effect with quality_filter: false"),
+    ({"kind": "if_feedback", "seeds": str(DATA / "if_seed_constraints.jsonl"), "queries": str(DATA / "prompts.jsonl"),
+      "back_translate": False, "back_translate_functions": 2},
+     "back_translate_functions has no effect with back_translate: false"),
+    ({"kind": "repurpose", "mode": "literary", "inputs": [str(DATA / "literary")], "grounded_queries": 3},
+     "grounded_queries has no effect with mode: literary"),
+    ({"kind": "repurpose", "mode": "roleplay", "inputs": [str(DATA / "characters")], "chunk_words": 100},
+     "chunk_words has no effect with mode: roleplay"),
+    ({"kind": "repurpose", "mode": "roleplay", "inputs": [str(DATA / "characters")], "check_refusals": False,
+      "judge_sampling": {"temperature": 0.0}}, "judge_sampling has no effect with mode: roleplay and check_refusals"),
+])
+def test_synthesis_keys_without_effect_are_refused(capsys, tmp_path, tiny_model_dir, stage, needle):
+    import yaml
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
+                                 "stages": [stage]}))
+    _one_line_error(capsys, ["validate", str(p)], "r.yaml: stages[0]", needle)
+    switch = {k: v for k, v in stage.items() if k not in ("quality_min_score", "back_translate_functions",
+                                                            "grounded_queries", "chunk_words", "judge_sampling")}
+    p.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_model_dir)},
+                                 "stages": [switch]}))
+    assert main(["validate", str(p)]) == 0, capsys.readouterr().err  # without the key it validates

@@ -228,3 +228,16 @@ def trim_at_stop(token_ids: list[int], text: str, stops: Sequence[str] | None, d
             hi = mid - 1
     ids = list(token_ids[:lo])
     return ids, decode(ids), True
+
+
+def weights_blob(named_tensors: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """``{name: contiguous CPU tensor}`` ready for safetensors: a weight that shares storage with one already
+    taken (tied embeddings) is copied, since safetensors refuses shared storage."""
+    blob, seen = {}, set()
+    for name, t in named_tensors:
+        t = t.detach().to("cpu")
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        blob[name] = t.contiguous()
+    return blob

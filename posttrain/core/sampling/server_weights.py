@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from posttrain.core.errors import BadInput
+from posttrain.core.sampling.base import weights_blob
 
 log = logging.getLogger("posttrain")
 
@@ -91,16 +92,9 @@ class ServerSampler:
             self.round += 1
             shutil.rmtree(self._round_dir(), ignore_errors=True)  # a folder left by an earlier run
             self._round_dir().mkdir(parents=True)
-        blob, seen = {}, set()
-        for name, t in named_tensors:
-            t = t.detach().to("cpu")
-            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-            blob[name] = t.contiguous()
         self.shards += 1
         tmp = self._round_dir() / f".shard-{self.shards:05d}.tmp"
-        save_file(blob, str(tmp))
+        save_file(weights_blob(named_tensors), str(tmp))
         tmp.rename(self._round_dir() / f"model-{self.shards:05d}.safetensors")  # never a half-written shard
 
     def finish_weights(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from posttrain.core.devices import dtype_name
 from posttrain.core.sampling.base import (Completion, Messages, SamplerConfig, SamplingParams, prompt_seeds,
-                                          render_prompts, trim_at_stop)
+                                          render_prompts, trim_at_stop, weights_blob)
 
 
 def _on_cpu() -> bool:
@@ -115,14 +115,7 @@ class VLLMSampler:
         """
         from safetensors.torch import save
 
-        blob, seen = {}, set()
-        for name, t in named_tensors:
-            t = t.detach().to("cpu")
-            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-            blob[name] = t.contiguous()
-        self.llm.collective_rpc(_reload_weights_rpc, args=(save(blob),))
+        self.llm.collective_rpc(_reload_weights_rpc, args=(save(weights_blob(named_tensors)),))
         self.llm.reset_prefix_cache()
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
