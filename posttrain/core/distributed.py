@@ -109,6 +109,7 @@ class Dist:
     def __init__(self, device: str, micro_batch: int, max_grad_norm: float, dtype: str):
         self.world = world_size()
         self.acc = None
+        self.engine: Any = None  # the DeepSpeed engine, once prepared
         self.rank, self.device, self.deepspeed, self.zero_stage = 0, device, False, None
         if self.world == 1:
             return
@@ -148,7 +149,18 @@ class Dist:
         """(training module, optimizer): DeepSpeed engine / DDP wrapper under accelerate, else unchanged."""
         if self.acc is None:
             return model, optimizer
-        return self.acc.prepare(model, optimizer)
+        wrapped, optimizer = self.acc.prepare(model, optimizer)
+        self.engine = wrapped if self.deepspeed else None
+        return wrapped, optimizer
+
+    def settle(self) -> None:
+        """ZeRO-3: wait for every parameter fetch still in flight and release them all.
+
+        A forward through the bare module (a probe, outside the engine's step) leaves ZeRO-3's prefetch of
+        the next layers in flight; gathering the whole model then fails on exit ("Cannot partition a param
+        in flight"). Call on every rank before such a gather."""
+        if self.zero_stage == 3 and getattr(self, "engine", None) is not None:
+            self.engine.empty_partition_cache()
 
     def gather(self, obj: Any) -> list:
         """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""

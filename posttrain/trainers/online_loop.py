@@ -373,6 +373,7 @@ class OnlineDPOLoop:
         t0 = time.time()
         set_asleep(self.sampler, False)
         if not self.shares_policy:
+            self.dist.settle()  # the last probe's forward may have left ZeRO-3 fetches in flight
             self.sync_chunks = push_weights(self.sampler, self.policy, self.cfg.sync_chunk_mb << 20, self.dist.gathered)
             if isinstance(self.sampler, ServerSampler):
                 self.dist.barrier()  # one server for all ranks: probe it only once rank 0's reload is done
@@ -518,6 +519,7 @@ class OnlineDPOLoop:
             self.tb.log_scalars({k: v for k, v in m.items() if k != "episode"}, m["episode"], prefix="online_dpo/")
 
     def _finish(self) -> dict:
+        self.dist.settle()
         with self.dist.gathered(self.policy):  # every rank takes part (ZeRO-3 gathers the shards)
             if self.dist.main:
                 final = self.policy.merge_and_unload() if self.cfg.lora is not None else self.policy
