@@ -184,6 +184,23 @@ def _resume_launch(folder: Path, model: Path, base: Path, zero: int, sampler: di
     return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, start_new_session=True, **popen)
 
 
+def _kill_tree(p: subprocess.Popen) -> None:
+    """kill -9 of the whole job: the launcher and every process under it. torch's launcher starts each rank
+    in a session of its own, so killing the launcher's process group would leave the ranks (and their
+    engines) running."""
+    import psutil
+
+    procs = [psutil.Process(p.pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    p.wait(timeout=60)
+    psutil.wait_procs(procs[1:], timeout=60)
+
+
 def _finish(p: subprocess.Popen) -> str:
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-6000:]
@@ -198,8 +215,6 @@ def test_two_ranks_kill9_and_resume_equals_an_uninterrupted_run(tiny_model_dir, 
     twice and none lost. ZeRO-3 + hf: the same pairs, losses and final weights as a run that was never
     interrupted. ZeRO-2 + vLLM: the relaunched engines (started on the first weights) receive the restored
     policy before episode 2 and pass the probe on both ranks."""
-    import signal
-
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -225,8 +240,7 @@ def test_two_ranks_kill9_and_resume_equals_an_uninterrupted_run(tiny_model_dir, 
         assert p.poll() is None, "the first launch ended before it was killed"
         assert time.time() < deadline, "no checkpoint of episode 2 within 15 minutes"
         time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(timeout=60)
+    _kill_tree(p)
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["episode"] for x in m] == [0, 1]
     assert json.loads(state.read_text()) == {"episode": 2, "world_size": 2, "deepspeed": True, "zero_stage": zero}
