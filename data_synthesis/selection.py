@@ -41,7 +41,7 @@ import math
 import random
 import re
 import statistics
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -150,42 +150,52 @@ def complexity_first_diverse(tags: list[list[str]], budget: int, scores: list[fl
     scores = scores or [0.0] * len(tags)
     sets = [set(t) for t in tags]
     order = sorted(range(len(tags)), key=lambda i: (-len(sets[i]), -scores[i], tie[i]))
-    pos = {i: p for p, i in enumerate(order)}
-    queues: dict[str, deque[int]] = {}
-    for i in order:  # queues in sort order
-        for t in sets[i]:
-            queues.setdefault(t, deque()).append(i)
-    taken = [False] * len(tags)
+    # From here on items are sort positions and tags are integer ids: flat lists of small ints
+    # and integer heap keys (position * n_tags + tag) keep the work per occurrence small at 1e5+.
+    ids: dict[str, int] = {}
+    at = [tuple(ids.setdefault(t, len(ids)) for t in sets[i]) for i in order]  # tag ids of each position
+    n_tags = len(ids)
+    queues: list[list[int]] = [[] for _ in range(n_tags)]  # tag -> positions carrying it, ascending
+    for p, tids in enumerate(at):
+        for u in tids:
+            queues[u].append(p)
+    heads = [0] * n_tags  # queues[u][:heads[u]] are taken
+    covered_in = [-1] * n_tags  # the pass in which each tag was last covered
+    taken = bytearray(len(order))
+    live = list(range(n_tags))  # tags whose queue may still hold an untaken position
     chosen: list[tuple[int, int]] = []
     n_pass = 0
     while len(chosen) < budget:
-        heap = []
-        for t, q in queues.items():
-            while q and taken[q[0]]:
-                q.popleft()
-            if q:
-                heap.append((pos[q[0]], t))
+        heap, still = [], []
+        for u in live:
+            q, h = queues[u], heads[u]
+            while h < len(q) and taken[q[h]]:
+                h += 1
+            heads[u] = h
+            if h < len(q):
+                heap.append(q[h] * n_tags + u)
+                still.append(u)
+        live = still
         if not heap:  # only tag-less items remain: they fill up as the next pass
             n_pass += 1
             break
         heapq.heapify(heap)
-        covered: set[str] = set()
         while heap and len(chosen) < budget:
-            p, t = heapq.heappop(heap)
-            if t in covered:
+            p, u = divmod(heapq.heappop(heap), n_tags)
+            if covered_in[u] == n_pass:
                 continue
-            i = order[p]  # the earliest remaining item with an uncovered tag
-            taken[i] = True
-            chosen.append((i, n_pass))
-            covered |= sets[i]
-            # t's queue head is gone; its next item cannot be taken in this pass (t is covered now)
-        queues = {t: q for t, q in queues.items() if q}
+            # the earliest remaining position with an uncovered tag; its head is gone, and the next
+            # position of u cannot be taken in this pass (u is covered now)
+            taken[p] = 1
+            chosen.append((order[p], n_pass))
+            for v in at[p]:
+                covered_in[v] = n_pass
         n_pass += 1
         if not reset_coverage:
             break
     # fill with what no pass took (tag-less items, or the rest when passes are not repeated), in sort order
     if len(chosen) < budget:
-        chosen += [(i, n_pass) for i in order if not taken[i]][: budget - len(chosen)]
+        chosen += [(order[p], n_pass) for p in range(len(order)) if not taken[p]][: budget - len(chosen)]
     return chosen
 
 
