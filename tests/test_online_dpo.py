@@ -405,3 +405,11 @@ def test_recipe_chat_template_reaches_online_dpo(tiny_model_dir, tmp_path, monke
 
 
 PROMPTS_AS_MESSAGES = [[{"role": "user", "content": t}] for t in PROMPTS]
+
+
+def test_cpu_share_splits_the_cores_over_the_ranks_of_a_node():
+    from posttrain.trainers.online_support import cpu_share
+
+    assert [cpu_share(r, 2, [0, 1]) for r in range(2)] == [[0], [1]]
+    assert [cpu_share(r, 2, [4, 5, 6, 7, 8]) for r in range(2)] == [[4, 5], [6, 7]]
+    assert [cpu_share(r, 4, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]]  # fewer cores than ranks

@@ -2,7 +2,8 @@
 
 Input: the stage folder, the ``Dist`` of the run. Output: ``find_checkpoint`` (the newest complete
 episode checkpoint and its state), ``truncate_jsonl`` (drop the lines of episodes that will run again),
-``engine_per_rank`` (the environment in which each rank starts its own vLLM engine).
+``engine_per_rank`` (the environment in which each rank starts its own vLLM engine, on CPUs bound to
+``cpu_share``, the rank's own cores).
 """
 
 from __future__ import annotations
@@ -48,18 +49,25 @@ def engine_per_rank(dist: Dist, backend: str) -> Any:
 
     The engine's processes are spawned, not forked: a forked engine inherits the training process
     group and hangs in its own distributed set-up. On GPUs the engine is pointed at this rank's device
-    (vLLM puts a one-GPU engine on the first visible device) while it starts. Both variables are
-    restored afterwards (the engine's processes are started by then).
+    (vLLM puts a one-GPU engine on the first visible device) while it starts. On CPUs each engine is
+    bound to this rank's own share of the cores (``cpu_share``): every per-rank engine is a one-worker
+    vLLM world, so vLLM's automatic binding put all of them on the same core (measured: two engines on
+    core 0 of 2). The variables are restored afterwards (the engine's processes are started by then).
     """
     if dist.world == 1 or backend != "vllm":
         yield
         return
-    saved = {k: os.environ.get(k) for k in ("VLLM_WORKER_MULTIPROC_METHOD", "CUDA_VISIBLE_DEVICES")}
+    keys = ("VLLM_WORKER_MULTIPROC_METHOD", "CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     if dist.device.startswith("cuda"):
         idx = int(dist.device.partition(":")[2] or 0)
         visible = [d.strip() for d in (saved["CUDA_VISIBLE_DEVICES"] or "").split(",") if d.strip()]
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[idx] if idx < len(visible) else str(idx)
+    elif saved["VLLM_CPU_OMP_THREADS_BIND"] is None:  # a binding the user set is kept
+        local = int(os.environ.get("LOCAL_RANK", dist.rank))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_share(local, per_node)))
     try:
         yield
     finally:
@@ -68,3 +76,12 @@ def engine_per_rank(dist: Dist, backend: str) -> Any:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def cpu_share(local_rank: int, local_world: int, cores: list[int] | None = None) -> list[int]:
+    """The cores of ``local_rank`` when this process's cores are split evenly over ``local_world`` ranks
+    (at least one each; with fewer cores than ranks, ranks share cores round-robin)."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    per = max(1, len(cores) // max(1, local_world))
+    mine = cores[local_rank * per:(local_rank + 1) * per]
+    return mine or [cores[local_rank % len(cores)]]
