@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -41,34 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-WORDS = ("alpha beta gamma delta number river stone light paper water green table garden window music "
-         "seven eleven forty answer question simple careful quick brown").split()
-
-# ~25M parameters with the tiny 1024-entry tokenizer: hidden 512, 8 layers, 8 heads / 2 KV heads, MLP 1536.
-MODELS = {"tiny": {}, "medium": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                                 "num_attention_heads": 8, "num_key_value_heads": 2}}
+from bench_common import WORDS, fit_messages, machine, model_dir, rss_mib, step_timer
 
 
 # ---------------------------------------------------------------- data
-
-def _fit(tok, msgs: list[dict], target: int) -> list[dict]:
-    """Shorten the last message until the templated conversation has at most ``target`` tokens."""
-    def n() -> int:
-        return len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
-
-    while n() > target:
-        words = msgs[-1]["content"].split()
-        if len(words) <= 1:
-            break
-        cut = max(1, min(len(words) - 1, int(len(words) * min(0.95, target / n()))))
-        msgs[-1]["content"] = " ".join(words[:cut])
-    return msgs
-
 
 def mixed_pairs(tok, n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
     """``n`` preference rows; each side's templated length is drawn uniformly from [lo, hi] tokens."""
@@ -77,25 +52,17 @@ def mixed_pairs(tok, n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         tc, tr = rng.randint(lo, hi), rng.randint(lo, hi)
         plen = rng.randint(4, max(4, min(tc, tr) // 3))
-        prompt = _fit(tok, [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(plen))}],
-                      max(8, min(tc, tr) // 3))
+        prompt = fit_messages(tok, [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(plen))}],
+                              max(8, min(tc, tr) // 3))
         sides = []
         for t in (tc, tr):
             reply = {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(t))}
-            sides.append(_fit(tok, prompt + [reply], t)[-1:])
+            sides.append(fit_messages(tok, prompt + [reply], t)[-1:])
         rows.append({"prompt": prompt, "chosen": sides[0], "rejected": sides[1]})
     return rows
 
 
 # ---------------------------------------------------------------- one run (child process)
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 class _Counter:
     """Wraps a collator; records (pairs, real tokens, token positions) of every micro-batch."""
@@ -109,22 +76,6 @@ class _Counter:
         real = int(b["attention_mask"].sum()) if "attention_mask" in b else pos
         self.seen.append((len(examples), real, pos))
         return b
-
-
-def _timer():
-    from transformers import TrainerCallback
-
-    class T(TrainerCallback):
-        def __init__(self):
-            self.t, self.t0 = [], 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.t.append(time.perf_counter() - self.t0)
-
-    return T()
 
 
 def _add_lengths(trainer, task: str) -> None:
@@ -205,9 +156,9 @@ def child(a: argparse.Namespace) -> dict:
         _add_lengths(trainer, a.task)
     counter = _Counter(trainer.data_collator)
     trainer.data_collator = counter
-    timer = _timer()
+    timer = step_timer()
     trainer.add_callback(timer)
-    base = _rss_mb()
+    base = rss_mib()
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = counter.seen[: a.steps]
@@ -224,15 +175,6 @@ def child(a: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-
-def _model_dir(root: Path, name: str) -> Path:
-    from posttrain.core.tiny import TinySpec, make_tiny_model
-
-    d = root / name
-    if not (d / "config.json").exists():
-        make_tiny_model(d, TinySpec(**MODELS[name]))
-    return d
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,7 +206,7 @@ def main() -> None:
     load = os.getloadavg()
     results = []
     for model_name in a.models.split(","):
-        mdir = _model_dir(work, model_name)
+        mdir = model_dir(work, model_name)
         tok = AutoTokenizer.from_pretrained(mdir)
         data = work / f"pairs_{a.lo}_{a.hi}.json"
         if not data.exists():
@@ -286,16 +228,11 @@ def main() -> None:
 
 
 def _table(results: list[dict], a: argparse.Namespace, started: str, load: tuple) -> None:
-    import torch
-    import transformers
-    import trl
-
     print(f"\nCommand: `.venv/bin/python scripts/bench_pairs.py --tasks {a.tasks} --models {a.models} "
           f"--variants {a.variants} --batch {a.batch} --steps {a.steps} --repeats {a.repeats} --lo {a.lo} "
           f"--hi {a.hi}`  ")
-    print(f"Date: {started}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, Python "
-          f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"trl {trl.__version__}; load average at start {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}.\n")
+    print(f"Date: {started}. Machine: {machine()}; load average at start {load[0]:.1f}, {load[1]:.1f}, "
+          f"{load[2]:.1f}.\n")
     print("| task | model (params) | variant | attention | pairs/s (median) | vs padded | positions/step | "
           "real tokens/step | peak RSS MiB | growth in train() MiB |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")

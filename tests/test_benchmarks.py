@@ -376,3 +376,45 @@ def test_cli_benchmark_errors_are_one_line(tmp_path, tiny_model_dir):
         p = subprocess.run(base + extra, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1], p.stderr[-1500:]
         assert "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- the training benchmark scripts
+
+
+def _script(name: str):
+    """Import ``scripts/<name>.py`` the way it runs (``scripts/`` on the path, for ``bench_common``)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_bench_train_sft_variants_train_the_same_assistant_tokens(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    common, bench = _script("bench_common"), _script("bench_train")
+    assert _script("bench_pairs").WORDS is common.WORDS  # the shared preamble lives in one place
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    convs = common.mixed_conversations(tok, 12, 20, 300)
+    lens = [len(tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in convs]
+    assert max(lens) <= 300 and len(set(lens)) > 6  # mixed lengths, none over the bound
+    counts, settings = {}, {}
+    for v in ("ours", "trl_best_varlen", "trl_best", "trl_default"):
+        tr = bench.build_sft_variant(v, tiny_model_dir, tok, convs, tmp_path, 1024, 2, 1)
+        counts[v], settings[v] = bench._epoch_counts(tr), bench._trl_settings(tr)
+    # TRL's best configuration trains exactly the tokens our sft stage trains (assistant replies + <|im_end|>)
+    assert counts["ours"]["trained_tokens"] == counts["trl_best_varlen"]["trained_tokens"] > 0
+    assert counts["trl_best"]["trained_tokens"] == counts["ours"]["trained_tokens"]
+    assert settings["trl_best"]["attn_implementation"] == "sdpa" and settings["trl_best"]["max_length"] == 1024
+    assert counts["ours"]["input_tokens"] == counts["trl_best_varlen"]["input_tokens"] == sum(lens)
+    assert counts["ours"]["input_over_positions"] == counts["trl_best_varlen"]["input_over_positions"] == 1.0
+    assert settings["trl_best_varlen"] | {"assistant_only_loss": None} == \
+        settings["ours"] | {"assistant_only_loss": None}  # same packing, bins, batch, attention, optimizer
+    assert settings["trl_best_varlen"]["assistant_only_loss"] and settings["ours"]["attn_implementation"] == "sdpa_varlen"
+    # TRL's defaults pad and put every token in the loss
+    assert counts["trl_default"]["input_over_positions"] < 1.0
+    assert counts["trl_default"]["trained_tokens"] > counts["ours"]["trained_tokens"]
+    assert bench.logits_gib(32768) == pytest.approx(18.55, abs=0.01)
