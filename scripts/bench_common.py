@@ -98,6 +98,17 @@ def step_timer():
     return StepTimer()
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the architecture where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """``x86_64, 2 CPU cores, no GPU, Python ..., torch ..., transformers ..., trl ...``."""
     import torch

@@ -59,6 +59,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_common import cpu_model  # noqa: E402
 
 from data_synthesis import paths  # noqa: E402
 from data_synthesis.selection import (complexity_first_diverse, completeness_score, describe,  # noqa: E402
@@ -367,14 +369,7 @@ def end_to_end(n: int) -> tuple[float, float, float]:
 
 def machine() -> str:
     """CPU model, cores, Python, numpy and torch versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     def ver(pkg: str) -> str:
         try:
             return importlib.metadata.version(pkg)
