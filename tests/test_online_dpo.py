@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,28 @@ def test_cpu_share_splits_the_cores_over_the_ranks_of_a_node():
     assert [cpu_share(r, 2, [0, 1]) for r in range(2)] == [[0], [1]]
     assert [cpu_share(r, 2, [4, 5, 6, 7, 8]) for r in range(2)] == [[4, 5], [6, 7]]
     assert [cpu_share(r, 4, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]]  # fewer cores than ranks
+
+
+def test_engine_per_rank_binds_each_local_rank_to_its_cores_and_restores(monkeypatch):
+    """On CPUs each rank's engine is started with VLLM_CPU_OMP_THREADS_BIND = its own cores (vLLM's automatic
+    binding put every one-worker engine on the same core); a binding the user set is kept; the environment
+    is restored once the engine has started."""
+    from types import SimpleNamespace
+
+    from posttrain.trainers.online_support import cpu_share, engine_per_rank
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        with engine_per_rank(SimpleNamespace(world=2, rank=rank, device="cpu"), "vllm"):
+            seen.append(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+            assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert seen == [",".join(map(str, cpu_share(r, 2))) for r in (0, 1)]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert set(seen[0].split(",")).isdisjoint(seen[1].split(","))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    with engine_per_rank(SimpleNamespace(world=2, rank=1, device="cpu"), "vllm"):
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

@@ -86,8 +86,6 @@ def _check(tmp_path: Path, model: Path, zero: int, tp: int = 1) -> None:
     assert p.returncode == 0, p.stderr[-6000:]
     # a chunk holds some layers only; vLLM's per-layer "Failed to load weights" for the rest is held back
     assert "Failed to load weights" not in p.stdout + p.stderr
-    if tp == 1 and len(os.sched_getaffinity(0)) >= 2:  # each rank's engine on its own core, not both on one
-        assert "core ids=[0]" in p.stdout + p.stderr and "core ids=[1]" in p.stdout + p.stderr
     out = tmp_path / f"z{zero}" / "run" / "online_dpo"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["distributed"] == {"world_size": 2, "deepspeed": True, "zero_stage": zero}
