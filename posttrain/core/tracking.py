@@ -39,6 +39,7 @@ from posttrain.core.errors import ConfigError
 log = logging.getLogger("posttrain")
 
 WANDB_INSTALL = "pip install 'qwen2-posttrain[wandb]'"
+WANDB_MISSING = f"report_to: wandb needs the wandb package, which is not installed: {WANDB_INSTALL}"
 DEFAULT_PROJECT = "qwen2-posttrain"
 
 # The start stamp of each recipe run (keyed by the Recipe object, which one `posttrain run` shares across
@@ -61,7 +62,7 @@ def wandb_available() -> bool:
 def check_reporters(report_to: list[str]) -> None:
     """Raise ValueError (one line) when ``report_to`` names a tracker whose package is not installed."""
     if "wandb" in report_to and not wandb_available():
-        raise ValueError(f"report_to: wandb needs the wandb package, which is not installed: {WANDB_INSTALL}")
+        raise ValueError(WANDB_MISSING)
 
 
 def import_wandb() -> Any:
@@ -69,8 +70,7 @@ def import_wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise ConfigError(f"report_to: wandb needs the wandb package, which is not installed: {WANDB_INSTALL}") \
-            from None
+        raise ConfigError(WANDB_MISSING) from None
     return wandb
 
 

@@ -90,6 +90,9 @@ class OnlineDPOLoop:
         self.order = list(range(len(self.records)))
         random.Random(self.seed).shuffle(self.order)
         self.ckpt, self.state = find_checkpoint(self.out / "checkpoint")
+        # a checkpoint in Hugging Face format (one process / DDP); a DeepSpeed one holds the weights in the
+        # engine's own format and is loaded into the engine after prepare (_make_optimizer)
+        self.hf_ckpt = self.state is not None and not self.state.get("deepspeed")
         self.first = self.state["episode"] if self.state else 0
         self._check_resume_world()
         # the schedule runs over planned optimizer steps (an episode with fewer pairs takes fewer steps)
@@ -121,14 +124,12 @@ class OnlineDPOLoop:
     def _load_models(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        # a DeepSpeed checkpoint holds the weights in its own format: they are loaded into the engine
-        hf_ckpt = self.state is not None and not self.state.get("deepspeed")
-        cfg, load_from = self.cfg, str(self.ckpt) if hf_ckpt else self.start_path
+        cfg, load_from = self.cfg, str(self.ckpt) if self.hf_ckpt else self.start_path
         if cfg.lora is not None:
             from peft import PeftModel, get_peft_model
 
             base = AutoModelForCausalLM.from_pretrained(self.start_path, dtype=self.dtype).to(self.device)
-            self.policy = (PeftModel.from_pretrained(base, load_from, is_trainable=True) if hf_ckpt
+            self.policy = (PeftModel.from_pretrained(base, load_from, is_trainable=True) if self.hf_ckpt
                            else get_peft_model(base, lora_config(cfg.lora)))
             self.ref_model = None  # the reference is the policy with its adapter disabled
         else:
@@ -187,8 +188,7 @@ class OnlineDPOLoop:
             ctx.samplers.release("vllm")  # one engine at a time: free the memory of any shared one
             # resumed from a DeepSpeed checkpoint: start on the first weights; the push before the first
             # episode (run) brings the engine to the restored policy
-            hf_ckpt = self.state is not None and not self.state.get("deepspeed") and cfg.lora is None
-            start = str(self.ckpt) if hf_ckpt else self.start_path
+            start = str(self.ckpt) if self.hf_ckpt and cfg.lora is None else self.start_path
             tp = scfg.tensor_parallel_size if scfg.backend == "vllm" else 1
             if self.dist.world > 1 and tp > 1:
                 # one engine per block of tp consecutive ranks, each rank running one shard in-process
