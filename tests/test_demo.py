@@ -26,7 +26,7 @@ SHORT = [
 def demo_run(tmp_path_factory):
     pytest.importorskip("vllm")
     out = tmp_path_factory.mktemp("demo") / "run"
-    recipe = load_recipe(ROOT / "recipes" / "demo" / "cpu.yaml", [f"output_dir={out}", *SHORT])
+    recipe = load_recipe(ROOT / "recipes" / "demo" / "tiny.yaml", [f"output_dir={out}", *SHORT])
     results = recipe.run()
     return out, results
 
@@ -72,7 +72,26 @@ def test_report_and_plots(demo_run):
 def test_rerun_skips_everything(demo_run):
     out, _ = demo_run
     before = (out / "sft" / "model.safetensors").stat().st_mtime
-    recipe = load_recipe(ROOT / "recipes" / "demo" / "cpu.yaml", [f"output_dir={out}", *SHORT])
+    recipe = load_recipe(ROOT / "recipes" / "demo" / "tiny.yaml", [f"output_dir={out}", *SHORT])
     results = recipe.run()
     assert all(m["seconds"] >= 0 for m in results.values())
     assert (out / "sft" / "model.safetensors").stat().st_mtime == before
+
+
+def _table(run_dir: Path) -> list[dict]:
+    """Eval rows without the machine-specific model paths."""
+    rows = [json.loads(x) for x in (run_dir / "eval" / "eval.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "path"} for r in rows]
+
+
+@pytest.mark.slow
+def test_a_second_run_gives_the_same_table(demo_run, tmp_path):
+    """The README's numbers must reproduce: same recipe, same seed, fresh folder -> identical rows and report."""
+    out, _ = demo_run
+    again = tmp_path / "again"
+    load_recipe(ROOT / "recipes" / "demo" / "tiny.yaml", [f"output_dir={again}", *SHORT]).run()
+    assert _table(again) == _table(out)
+    strip = lambda p: [x for x in p.read_text().splitlines() if "Run folder" not in x]  # noqa: E731
+    assert strip(again / "report.md") == strip(out / "report.md")
+    assert "## Findings" in (again / "report.md").read_text()
+

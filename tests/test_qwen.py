@@ -94,6 +94,42 @@ def test_a_template_edited_by_one_character_is_not_silently_matched():
         training_template(tok)
 
 
+# SmolLM2-Instruct's published template (plain ChatML with its own default system turn), as its GGUF carries it
+SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                    "{% endif %}")
+
+
+@pytest.mark.parametrize("template", [SMOLLM2_TEMPLATE, SMOLLM2_TEMPLATE.replace(
+    "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant "
+    "named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}", "")], ids=["smollm2", "no-default-system"])
+def test_other_chatml_templates_get_a_variant_that_renders_identically(template):
+    from posttrain.core.chat import PROBES
+
+    tok = qwen2_tokenizer("qwen2")
+    tok.chat_template = template
+    variant = training_template(tok)
+    for probe in PROBES:
+        kw = dict(tokenize=False, tools=probe.get("tools"), add_generation_prompt=probe.get("add_generation_prompt", False))
+        assert tok.apply_chat_template(probe["messages"], chat_template=variant, **kw) == \
+            tok.apply_chat_template(probe["messages"], **kw)
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ids, labels = tokenize_conversation(tok, msgs, variant)
+    assert trained_spans(tok, ids, labels) == ["4<|im_end|>"]
+
+
+@pytest.mark.parametrize("edit", [("'<|im_end|>' + '\n'", "'<|im_end|>'"),  # no newline after a turn
+                                  ("'<|im_start|>assistant\n'", "'<|im_start|>assistant '")])
+def test_a_chatml_template_edited_by_one_character_is_refused(edit):
+    tok = qwen2_tokenizer("qwen2")
+    tok.chat_template = SMOLLM2_TEMPLATE.replace(*edit)
+    assert tok.chat_template != SMOLLM2_TEMPLATE
+    with pytest.raises(BadInput, match="renders like none"):
+        training_template(tok)
+
+
 @pytest.mark.slow
 def test_preview_on_a_qwen2_model_shows_the_spans(tmp_path):
     model = tmp_path / "m"

@@ -8,7 +8,9 @@ A template with ``{% generation %}`` markers is used as is. A template without t
 against the training variants this project ships (``posttrain/core/templates/*_training.jinja``:
 Qwen2-Instruct, Qwen2.5-Instruct with tools): a variant is used when it renders every probe
 conversation exactly as the tokenizer's own template does, so the text the model is trained on is
-the text it sees at inference, and only the markers differ. The trained span of an assistant turn is
+the text it sees at inference, and only the markers differ. Plain ChatML templates of other models
+(SmolLM2-Instruct's, which adds its own default system turn) get a ChatML variant built with that
+system turn (``chatml_variant``), held to the same identical-rendering test. The trained span of an assistant turn is
 its reply and the ``<|im_end|>`` after it: not the ``<|im_start|>assistant\\n`` header, the system or
 user turns, or the newline after ``<|im_end|>``. Any other template is refused with the two ways out.
 """
@@ -78,6 +80,39 @@ def matching_variant(tokenizer: Any, template: str) -> str | None:
     return None
 
 
+def chatml_variant(tokenizer: Any, template: str) -> str | None:
+    """A ChatML training variant with the template's own default system turn, if it renders like ``template``.
+
+    Many instruction models use plain ChatML and differ only in the system turn they add to a
+    conversation without one (SmolLM2-Instruct: "You are a helpful AI assistant named SmolLM...").
+    That turn is read off the template's rendering of the first probe and set into
+    ``templates/chatml_training.jinja``; the result is then held to the same test as the shipped
+    variants: identical text on every probe, or None.
+    """
+    import json
+    import re
+
+    from posttrain.core.qwen import template_text
+
+    first = _render(tokenizer, template, PROBES[0])
+    if first is None:
+        return None
+    body = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    m = re.fullmatch(r"(?:<\|im_start\|>system\n(.*?)<\|im_end\|>\n)?" + re.escape(body), first, re.S)
+    if m is None:
+        return None
+    # a JSON string is a valid Jinja string literal (same escapes)
+    default = "none" if m.group(1) is None else json.dumps(m.group(1))
+    variant = "{%- set default_system = " + default + " -%}\n" + template_text("chatml_training")
+    for probe in PROBES:
+        want = _render(tokenizer, template, probe)
+        if want is None and probe.get("tools"):
+            continue
+        if want is None or _render(tokenizer, variant, probe) != want:
+            return None
+    return variant
+
+
 def training_template(tokenizer: Any, source: str = "tokenizer") -> str:
     """The chat template to tokenize with for assistant-only loss (see the module docstring)."""
     from posttrain.core.qwen import template_text
@@ -92,6 +127,9 @@ def training_template(tokenizer: Any, source: str = "tokenizer") -> str:
         return tmpl
     name = matching_variant(tokenizer, tmpl)
     if name is None:
+        chatml = chatml_variant(tokenizer, tmpl)
+        if chatml is not None:
+            return chatml
         raise BadInput(f"{source}: the chat template has no {{% generation %}} markers and renders like none of the "
                        f"known templates ({', '.join(n.removesuffix('_training') for n in TRAINING_VARIANTS)}), so the "
                        "assistant tokens cannot be located: set tokenizer.chat_template to a copy of the template "

@@ -369,10 +369,11 @@ class Recipe:
                 yaml.safe_dump(self.resolved_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
         results: dict[str, dict] = {}
         pool = SamplerPool(injected=sampler)
+        todo = [s for s in self.stages if not (only and s.name not in only)]
+        timings = RunTimings(self.output_dir / "timings.json")
+        started = time.time()
         try:
-            for spec in self.stages:
-                if only and spec.name not in only:
-                    continue
+            for i, spec in enumerate(todo, 1):
                 out = self.stage_dir(spec.name)
                 manifest = out / "manifest.json"
                 fp = self.fingerprint(spec.index)
@@ -381,7 +382,8 @@ class Recipe:
                     results[spec.name] = done
                     continue
                 out.mkdir(parents=True, exist_ok=True)
-                log.info("stage %s (%s): running", spec.name, spec.kind)
+                log.info("stage %d/%d %s (%s): running; %s", i, len(todo), spec.name, spec.kind,
+                         timings.eta([s.name for s in todo[i - 1:]], time.time() - started))
                 ctx = StageContext(recipe=self, spec=spec, out_dir=out, samplers=pool)
                 t0 = time.time()
                 _, fn = self.table[spec.kind]
@@ -393,6 +395,7 @@ class Recipe:
                     tmp = manifest.with_suffix(".tmp")
                     tmp.write_text(json.dumps(m, indent=2, default=str))
                     os.replace(tmp, manifest)  # written last: its presence means the stage is complete
+                    timings.record(spec.name, m["seconds"])
                 barrier()  # no rank starts the next stage before the manifest (and the outputs) exist
                 results[spec.name] = m
         finally:
@@ -417,6 +420,42 @@ class Recipe:
                 manifest.unlink()
         barrier()
         return None
+
+
+def _hms(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class RunTimings:
+    """Seconds each stage took when it last ran in this output folder (``OUT/timings.json``), for the ETA.
+
+    Kept apart from the manifests because a stage whose config changed has its folder (and manifest)
+    moved aside, and its last duration is still the best guess for the re-run.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.seconds: dict[str, float] = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            self.seconds = {}  # first run here, or a torn file: no estimate
+
+    def eta(self, remaining: list[str], elapsed: float) -> str:
+        """``elapsed 3m05s, about 12m10s left`` from the previous run's timings of ``remaining`` (this stage on)."""
+        known = [self.seconds[n] for n in remaining if n in self.seconds]
+        if not known:
+            return f"elapsed {_hms(elapsed)}"
+        more = "" if len(known) == len(remaining) else f" + {len(remaining) - len(known)} stage(s) never timed"
+        return f"elapsed {_hms(elapsed)}, about {_hms(sum(known))} left{more} (previous run's timings)"
+
+    def record(self, name: str, seconds: float) -> None:
+        """Store a finished stage's duration (atomic rewrite)."""
+        self.seconds[name] = seconds
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.seconds, indent=1))
+        os.replace(tmp, self.path)
 
 
 def check_type(tp: Any, value: Any, key: str, source: str = "<config>") -> Any:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from posttrain.core.attention import CPU_VARLEN, pick_attention, register_sdpa_varlen
 from posttrain.core.config import key
-from posttrain.core.devices import torch_dtype
+from posttrain.core.devices import dtype_name, torch_dtype
 from posttrain.core.distributed import (barrier, deepspeed_requested, distributed_info, is_main_process, on_gpu, plain_loading,
                                         setup_distributed)
 from posttrain.core.tracking import check_reporters, finish_wandb, hf_callbacks
@@ -313,13 +313,28 @@ def prepare_moe(model: Any) -> list[str]:
     return [c.__name__ for c in blocks]
 
 
-def load_causal_lm(path: str, dtype: str, attn: str) -> Any:
-    """Load a causal LM for training (``dtype: auto`` = bf16 on a bf16 GPU, else fp32); MoE prepared for ZeRO-3."""
+def master_dtype(dtype: str) -> str:
+    """The dtype of weights an optimizer steps: float32 whenever the compute dtype is a 16-bit one.
+
+    A model loaded in bf16 and stepped by AdamW loses every update smaller than half a bf16 step
+    (at 7e-6 most weights never move); loaded in fp32 it trains under the trainer's bf16 autocast
+    (``bf16: true``), or DeepSpeed keeps the fp32 master copy and computes in bf16.
+    """
+    return "float32" if dtype_name(dtype) in ("bfloat16", "float16") else dtype
+
+
+def load_causal_lm(path: str, dtype: str, attn: str, trainable: bool = True) -> Any:
+    """Load a causal LM (``dtype: auto`` = bf16 on a bf16 GPU, else fp32); MoE prepared for ZeRO-3.
+
+    A ``trainable`` model gets fp32 master weights (``master_dtype``); a frozen one (a DPO reference)
+    is loaded in ``dtype`` itself.
+    """
     from transformers import AutoModelForCausalLM
 
     if attn == CPU_VARLEN:
         register_sdpa_varlen()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation=attn)
+    load = master_dtype(dtype) if trainable else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(load), attn_implementation=attn)
     prepare_moe(model)
     return model
 

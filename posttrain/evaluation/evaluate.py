@@ -36,6 +36,7 @@ from posttrain.core.inputs import InputSpec
 from posttrain.core.records import to_chat_prompt
 from posttrain.core.sampling.base import SamplerConfig, SamplingParams, make_sampler
 from posttrain.evaluation.benchmarks import BenchmarkConfig, check_unique, load_items, run_benchmarks
+from posttrain.evaluation.stats import bootstrap_ci
 
 
 @dataclass
@@ -121,15 +122,23 @@ def evaluate_checkpoint(path: str, records: list[dict], cfg: EvalConfig, referen
     if greedy:
         row["length_mean"] = sum(len(c.token_ids) for c in greedy) / len(greedy)
         row["terminated"] = sum(c.terminated for c in greedy) / len(greedy)
+    verdicts: dict[str, list[float]] = {}
     math_items = [(t, r["meta"]["answer"]) for t, r in zip(texts, records) if "answer" in r.get("meta", {})]
     if math_items:
-        row["accuracy"] = sum(bool(is_correct(t, str(a))) for t, a in math_items) / len(math_items)
-        row["format_rate"] = sum(format_ok(t) for t, _ in math_items) / len(math_items)
+        verdicts["accuracy"] = [float(bool(is_correct(t, str(a)))) for t, a in math_items]
+        verdicts["format_rate"] = [float(format_ok(t)) for t, _ in math_items]
     if_items = [(t, r["meta"]["verifiers"]) for t, r in zip(texts, records) if r.get("meta", {}).get("verifiers")]
     if if_items:
-        from reward.if_verifiers import evaluate_response
+        from reward.if_verifiers import pass_rates
+        from reward.sandbox import SandboxPool
 
-        row["if_pass_rate"] = sum(float(evaluate_response(v, t)) for t, v in if_items) / len(if_items)
+        with SandboxPool() as pool:  # one pool for the checkpoint: a pool per response costs a start each
+            verdicts["if_pass_rate"] = [float(pass_rates(v, [t], pool)[0]) for t, v in if_items]
+    for name, vs in verdicts.items():
+        row[name] = sum(vs) / len(vs)
+        if name != "format_rate":  # intervals of the headline metrics (the report pairs them across checkpoints)
+            row[f"{name}_ci"] = list(bootstrap_ci(vs))
+    row["verdicts"] = verdicts
     code_items = [(t, r["meta"]["tests"]) for t, r in zip(texts, records) if r.get("meta", {}).get("tests")]
     if code_items:
         from reward.code_tests import code_pass_rate
@@ -242,15 +251,24 @@ def run(cfg: EvalConfig, ctx: Any) -> dict:
     return {"rows": rows}
 
 
+def _cell(row: dict, col: str) -> str:
+    """One table cell: the value, with its bootstrap 95% interval when the row has one."""
+    v = row.get(col)
+    if not isinstance(v, float):
+        return str(v if v is not None else "")
+    ci = row.get(f"{col}_ci")
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) and len(ci) == 2 else f"{v:.3f}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of eval rows."""
+    """Markdown table of eval rows (accuracy and pass rates with their bootstrap 95% intervals)."""
     cols = ["accuracy", "format_rate", "if_pass_rate", "code_pass_rate", "code_solved", "reward_mean", "kl_to_ref", "length_mean", "terminated"]
     cols = [c for c in cols if any(c in r for r in rows)]
     # benchmark scores (``name/metric``), in first-seen order; counts (n, skipped...) stay in eval.jsonl
     cols += list(dict.fromkeys(k for r in rows for k, v in r.items() if "/" in k and isinstance(v, float)))
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
-        vals = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        vals = [_cell(r, c) for c in cols]
         lines.append(f"| {r['checkpoint']} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

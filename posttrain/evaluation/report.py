@@ -9,7 +9,8 @@ Input: the run's output folder — every stage folder's ``loss_log.jsonl``
 * ``report.md``          results table, findings stated from the numbers, samples
 * ``loss.png``           training loss per stage (online DPO: mean DPO loss per episode)
 * ``reward.png``         reward per online-DPO episode
-* ``accuracy.png``       accuracy / reward / KL per checkpoint
+* ``accuracy.png``       accuracy / instruction following / reward / KL per checkpoint,
+                         with bootstrap 95% intervals as error bars
 
 Findings are computed, not written by hand: a stage that did not help is
 reported as such.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.evaluation.evaluate import format_table
+from posttrain.evaluation.stats import excludes_zero, paired_diff_ci
 from posttrain.core.config import key
 
 
@@ -124,12 +126,18 @@ def _plots(stages: dict[str, dict], rows: list[dict], out: Path) -> list[str]:
         fig.savefig(out / "reward.png", dpi=100)
         plt.close(fig)
         made.append("reward.png")
-    metrics = [m for m in ("accuracy", "format_rate", "reward_mean", "kl_to_ref") if any(m in r for r in rows)]
+    metrics = [m for m in ("accuracy", "if_pass_rate", "format_rate", "reward_mean", "kl_to_ref")
+               if any(m in r for r in rows)]
     if rows and metrics:
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
         for ax, m in zip(axes[0], metrics):
-            ax.bar([r["checkpoint"] for r in rows], [r.get(m, 0.0) or 0.0 for r in rows])
-            ax.set_title(m)
+            ys = [r.get(m, 0.0) or 0.0 for r in rows]
+            cis = [r.get(f"{m}_ci") for r in rows]
+            err = None
+            if all(isinstance(c, list) for c in cis):  # bootstrap 95% intervals as error bars
+                err = [[max(0.0, y - c[0]) for y, c in zip(ys, cis)], [max(0.0, c[1] - y) for y, c in zip(ys, cis)]]
+            ax.bar([r["checkpoint"] for r in rows], ys, yerr=err, capsize=3)
+            ax.set_title(m if err is None else f"{m} (95% CI)")
             if m == "kl_to_ref":
                 ax.set_yscale("symlog", linthresh=1.0)  # the untrained model's KL dwarfs the others
             ax.tick_params(axis="x", rotation=45)
@@ -155,7 +163,7 @@ def findings(rows: list[dict], stages: dict[str, dict], cfg: ReportConfig) -> li
     if cfg.baseline in by and cfg.sft in by and "accuracy" in by[cfg.sft]:
         b, s = by[cfg.baseline]["accuracy"], by[cfg.sft]["accuracy"]
         verdict = "SFT helped" if s > b else "SFT did NOT improve accuracy"
-        out.append(f"{verdict}: held-out accuracy {b:.3f} (untrained) -> {s:.3f} (SFT).")
+        out.append(f"{verdict}: held-out accuracy {b:.3f} ({cfg.baseline}) -> {s:.3f} (SFT).")
     for n, s in stages.items():
         if "heldout" in s:
             h = s["heldout"]
@@ -179,7 +187,7 @@ def findings(rows: list[dict], stages: dict[str, dict], cfg: ReportConfig) -> li
             parts = []
             if "reward_mean" in r and "reward_mean" in ref:
                 parts.append(f"reward-model score {r['reward_mean'] - ref['reward_mean']:+.3f}")
-            if "accuracy" in r and "accuracy" in ref:
+            if "accuracy" in r and "accuracy" in ref and not paired(r, ref, "accuracy"):
                 tax = ref["accuracy"] - r["accuracy"]
                 parts.append(f"accuracy {r['accuracy'] - ref['accuracy']:+.3f} "
                              f"(alignment tax {tax:+.3f})")
@@ -187,7 +195,50 @@ def findings(rows: list[dict], stages: dict[str, dict], cfg: ReportConfig) -> li
                 parts.append(f"KL to SFT {r['kl_to_ref']:.3f}")
             if parts:
                 out.append(f"`{c}` vs SFT: " + ", ".join(parts) + ".")
+    out += interval_findings(by, cfg)
     return out
+
+
+def paired(a: dict, b: dict, metric: str) -> bool:
+    """Whether both rows carry per-item verdicts of ``metric`` on the same number of items."""
+    va, vb = a.get("verdicts", {}).get(metric), b.get("verdicts", {}).get(metric)
+    return bool(va) and bool(vb) and len(va) == len(vb)
+
+
+def _diff(by: dict[str, dict], a: str, b: str, metric: str, what: str) -> str | None:
+    """One sentence on ``a - b`` in ``metric`` with its paired bootstrap interval, or None without verdicts."""
+    if a not in by or b not in by or not paired(by[a], by[b], metric):
+        return None
+    d, lo, hi = paired_diff_ci(by[a]["verdicts"][metric], by[b]["verdicts"][metric])
+    verdict = ("the interval excludes 0" if excludes_zero(lo, hi)
+               else "the interval includes 0: no difference shown")
+    return f"{what}: `{a}` - `{b}` = {d:+.3f} (paired bootstrap 95% interval [{lo:+.3f}, {hi:+.3f}]; {verdict})."
+
+
+def interval_findings(by: dict[str, dict], cfg: ReportConfig) -> list[str]:
+    """Differences between checkpoints on the same held-out items, each with its paired 95% interval.
+
+    Accuracy (the rewarded skill) of every aligned model against the base model and against SFT;
+    the instruction-following pass rate (the unrewarded skill) against SFT: its drop is the
+    alignment tax; and the two aligned models against each other when there are exactly two
+    (the merging trade-off).
+    """
+    out = []
+    for c in cfg.compare + ([cfg.sft] if cfg.sft else []):
+        if cfg.baseline and c != cfg.baseline:
+            out.append(_diff(by, c, cfg.baseline, "accuracy", "Accuracy vs the base model"))
+    for c in cfg.compare:
+        if cfg.sft:
+            out.append(_diff(by, c, cfg.sft, "accuracy", "Accuracy vs SFT"))
+            out.append(_diff(by, c, cfg.sft, "if_pass_rate", "Unrewarded skill (instruction following) vs SFT, "
+                             "negative = alignment tax"))
+    if cfg.baseline and cfg.sft:
+        out.append(_diff(by, cfg.sft, cfg.baseline, "if_pass_rate", "Unrewarded skill, SFT vs base"))
+    if len(cfg.compare) >= 2:
+        a, b = cfg.compare[-2], cfg.compare[-1]
+        out.append(_diff(by, a, b, "accuracy", "Merging trade-off, accuracy"))
+        out.append(_diff(by, a, b, "if_pass_rate", "Merging trade-off, unrewarded skill"))
+    return [x for x in out if x]
 
 
 def write_report(run_dir: Path, eval_dir: Path, out: Path, cfg: ReportConfig) -> Path:

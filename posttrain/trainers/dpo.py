@@ -177,7 +177,7 @@ def build_dpo_trainer(cfg: DPOStageConfig, model_path: str, tokenizer: Any, trai
     model.config.use_cache = False
     ref = None
     if ref_path and cfg.lora is None:
-        ref = load_causal_lm(ref_path, dtype, attn)
+        ref = load_causal_lm(ref_path, dtype, attn, trainable=False)
     data = out_dir / "_data"
     train_ds = dataset_on_disk(train_rows, data)
     eval_ds = dataset_on_disk(eval_rows, data) if eval_rows else None
