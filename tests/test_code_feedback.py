@@ -114,10 +114,12 @@ def scripted(prompt, j):
 
 
 def recipe(tmp_path, **stage):
-    # Limits well above what a right solution needs even on a loaded machine: at 0.5 s per test a
-    # fresh-clone run under load timed one right solution out (13 demonstrations instead of 14).
+    # Limits well above what a right solution needs even on a loaded machine (at 0.5 s per test a
+    # fresh-clone run under load timed one right solution out: 13 demonstrations instead of 14), and a
+    # whole-run limit above every test hanging to its own limit (6 x 2 s), so a hanging solution ends as
+    # failed tests and only the fork bomb runs out the clock.
     st = {"kind": "code_feedback", "name": "cf", "input": str(CODE), "n_solutions": 6, "chunk_size": 3,
-          "timeout_s": 8.0, "test_timeout_s": 2.0, "memory_mb": 256, "workers": 2, **stage}
+          "timeout_s": 30.0, "test_timeout_s": 2.0, "memory_mb": 256, "workers": 2, **stage}
     data = {"output_dir": str(tmp_path / "out"), "model": {"path": "unused"}, "stages": [st]}
     return recipe_from_dict(data, tmp_path / "r.yaml", check_models=False)  # the sampler is injected
 
