@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 from pathlib import Path
@@ -22,17 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import cpu_model  # noqa: E402  (the one machine line of every benchmark table)
 from posttrain.evaluation.evaluate import format_table  # noqa: E402
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: the platform string below is what we know
-    return platform.processor() or platform.machine()
 
 
 def block(run: Path) -> str:
@@ -57,7 +47,7 @@ def block(run: Path) -> str:
         format_table(rows), "",
         "Findings (computed by the report stage, paired bootstrap 95% intervals over the same held-out items):", "",
         found.group(1) if found else "_none_", "",
-        f"Run finished {finished[:10]} at commit {commit}, {os.cpu_count()} cores ({_cpu()}); "
+        f"Run finished {finished[:10]} at commit {commit}, {os.cpu_count()} cores ({cpu_model()}); "
         f"wall time of the stages {total / 60:.1f} min (set-up excluded); per stage, minutes: {times}.",
     ])
 
